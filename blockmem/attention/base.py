@@ -1,0 +1,81 @@
+"""The one attention interface between the model and the methods that keep and read keys.
+
+The model computes q, k, v for a chunk of tokens and hands them, not yet rotated, to the layer's
+`LayerCache`; the method decides where keys live, which ones each query reads and at which
+positions they are rotated. The model never branches on the method in use.
+
+Lifecycle: `method.new_cache(specs, ...)` once per sequence -> for each forward chunk, every
+layer calls `cache.layers[i].attend(q, k, v, rotary, cache.length)` -> `cache.advance(T)`.
+Lengths are Python integers owned by the cache, never inferred from tensor contents.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from blockmem.model.rope import Rotary
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What an attention method needs to know about one layer."""
+
+    index: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    window: int | None  # sliding window of this layer (None: full attention)
+
+
+class LayerCache(ABC):
+    """One layer's keys and values for one sequence, kept the way its method wants."""
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary, start: int) -> torch.Tensor:
+        """Write this chunk's k/v, attend, and return the output.
+
+        q: [B, Hq, T, D], k and v: [B, Hkv, T, D], all before RoPE, for positions start..start+T-1.
+        Returns [B, Hq, T, D] in q's dtype.
+        """
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of key/value storage this layer holds now."""
+
+
+class KVCache:
+    """All layers' state for one sequence under one method."""
+
+    def __init__(self, layers: list[LayerCache]) -> None:
+        self.layers = layers
+        self.length = 0  # tokens written so far
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+class AttentionMethod(ABC):
+    """A policy for keeping keys and choosing which ones each query reads."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def new_cache(self, specs: list[LayerSpec], device: torch.device, dtype: torch.dtype) -> KVCache:
+        """Empty state for one new sequence."""
+
+    def context_limit(self, model_limit: int) -> int | None:
+        """The longest sequence this method serves on a model trained to `model_limit` tokens
+        (None: bounded only by memory)."""
+        return model_limit
+
+    def describe(self) -> dict[str, Any]:
+        """The method's name and settings, for reports and `--json`."""
+        return {"method": self.name}

