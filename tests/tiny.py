@@ -36,7 +36,7 @@ def hf_config(family: str, vocab: int, wide: bool = False):
     hidden, inter = (256, 512) if wide else (64, 96)
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  initializer_range=0.25, eos_token_id=2, bos_token_id=1)
+                  initializer_range=2.0 / hidden ** 0.5, eos_token_id=2, bos_token_id=1)
     if family == "llama":
         return tf.LlamaConfig(**common, rope_theta=10000.0)
     if family == "llama3":  # Llama 3.1 RoPE scaling, tied embeddings, attention bias
@@ -117,8 +117,9 @@ def _random_k_blocks(ggml_type, rows: int, cols: int, rng: np.random.Generator) 
 
     block, size = GGML_QUANT_SIZES[ggml_type]
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
-    scale = np.frombuffer(np.float16(0.004).tobytes(), dtype=np.uint8)
-    offsets = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q2_K: (80, 82), Q.Q3_K: (108,)}[ggml_type]
+    # fp16 super-block scales chosen so decoded weights are ~0.1, like a real layer's
+    offsets, value = {Q.Q4_K: ((0, 2), 5e-4), Q.Q5_K: ((0, 2), 2.5e-4), Q.Q6_K: ((208,), 1e-4)}[ggml_type]
+    scale = np.frombuffer(np.float16(value).tobytes(), dtype=np.uint8)
     for offset in offsets:
         raw[:, offset:offset + 2] = scale
     return raw.reshape(rows, -1)
@@ -147,12 +148,14 @@ def write_gguf(model, family: str, path: Path, ggml_type=None, tokenizer: Tokeni
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
     writer.add_rope_freq_base(rope["rope_theta"])
     if gemma:
+        writer.add_attention_scale(cfg.query_pre_attn_scalar ** -0.5)
         writer.add_sliding_window(cfg.sliding_window)
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
     vocab = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
@@ -170,7 +173,7 @@ def write_gguf(model, family: str, path: Path, ggml_type=None, tokenizer: Tokeni
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
-        base = 1.0 / (rope["rope_theta"] ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+        base = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim))
         writer.add_tensor("rope_freqs.weight", (base / scaled).numpy().astype(np.float32))
     held: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
@@ -191,7 +194,10 @@ def write_gguf(model, family: str, path: Path, ggml_type=None, tokenizer: Tokeni
             raw = data
         else:
             raw = quantize(data, store)
-        writer.add_tensor(target, raw, raw_shape=data.shape, raw_dtype=store)
+        if store == Q.F32:
+            writer.add_tensor(target, raw)
+        else:  # the writer derives the logical shape from the byte shape
+            writer.add_tensor(target, raw, raw_dtype=store)
         stored = dequantize(raw, store).reshape(data.shape) if store != Q.F32 else data
         if arch == "llama" and (".attn_q." in target or ".attn_k." in target):
             heads = cfg.num_attention_heads if ".attn_q." in target else cfg.num_key_value_heads

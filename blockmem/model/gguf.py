@@ -86,8 +86,9 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
     head_dim = int(key("attention.key_length", hidden // heads))
     vocab = int(meta.get(f"{arch}.vocab_size", len(meta.get("tokenizer.ggml.tokens", []))))
     gemma, minicpm = family is Family.GEMMA3, family is Family.MINICPM
-    if gemma:  # llama.cpp: 27B scales queries by hidden/heads, all smaller Gemma 3 by head_dim
-        query_scalar = hidden / heads if layers == 62 else head_dim
+    attn_scale = float(meta.get(f"{arch}.attention.scale", 0.0))  # an explicit q.k multiplier wins
+    if gemma and not attn_scale:  # llama.cpp: 27B scales queries by hidden/heads, smaller ones by head_dim
+        attn_scale = (hidden / heads if layers == 62 else head_dim) ** -0.5
     return ModelConfig(
         family=family, vocab_size=vocab, hidden_size=hidden, intermediate_size=int(key("feed_forward_length")),
         num_layers=layers, num_heads=heads, num_kv_heads=int(key("attention.head_count_kv", heads)),
@@ -103,7 +104,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         embed_scale=math.sqrt(hidden) if gemma else float(key("embedding_scale", 1.0)) if minicpm else 1.0,
         residual_scale=float(key("residual_scale", 1.0)) if minicpm else 1.0,
         logit_scale=1.0 / float(key("logit_scale", 1.0)) if minicpm else 1.0,
-        attn_scale=query_scalar ** -0.5 if gemma else 0.0,
+        attn_scale=attn_scale,
         name=str(meta.get("general.name", gguf.path.name)),
     )
 

@@ -1,0 +1,100 @@
+"""The `blockmem` command on a tiny model: output shapes, flags, help, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from blockmem.cli import app
+
+COMMANDS = ["run", "chat", "models"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny) -> str:
+    return str(tiny.get("llama")[0])
+
+
+def invoke(args: list[str], stdin: str | None = None):
+    return CliRunner().invoke(app, args, input=stdin)
+
+
+def test_run_streams_answer_and_one_line_summary(model_dir) -> None:
+    result = invoke(["run", "-m", model_dir, "-n", "8", "--threads", "1", "hello there"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()  # the answer (a random model's text)
+    summary = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(summary) == 1
+    assert re.search(r"prompt \d+ tok \| prefill [\d.]+ tok/s \| TTFT [\d.]+ s \| decode [\d.]+ tok/s .* \| "
+                     r"peak RSS \d+ MiB", summary[0])
+
+
+def test_run_json(model_dir) -> None:
+    result = invoke(["run", "-m", model_dir, "-n", "5", "--json", "--raw", "hello"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert set(record) >= {"model", "text", "finish_reason", "tokens", "stats", "method"}
+    stats = record["stats"]
+    for key in ("prompt_tokens", "prefill_tokens_per_second", "time_to_first_token", "decode_tokens_per_second",
+                "peak_rss_bytes"):
+        assert key in stats
+    assert record["method"]["method"] == "dense" and record["tokens"] <= 5
+
+
+def test_document_question_and_stdin(model_dir, tmp_path) -> None:
+    import blockmem
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The passkey is 12345.")
+    result = invoke(["run", "-m", model_dir, "-n", "2", "--json", "-f", str(doc), "-q", "What is the passkey?"])
+    engine = blockmem.Engine(blockmem.load(model_dir, device="cpu"))
+    expected = engine.encode(messages=[{"role": "user", "content": "The passkey is 12345.\n\nWhat is the passkey?"}])
+    assert json.loads(result.stdout)["stats"]["prompt_tokens"] == len(expected)
+    raw = invoke(["run", "-m", model_dir, "-n", "2", "--json", "--raw", "-f", str(doc), "-q", "Passkey?"])
+    expected_raw = engine.encode("The passkey is 12345.\n\nQuestion: Passkey?\nAnswer:", raw=True)
+    assert json.loads(raw.stdout)["stats"]["prompt_tokens"] == len(expected_raw)
+    piped = invoke(["run", "-m", model_dir, "-n", "2", "--json", "--raw"], stdin="from stdin")
+    assert json.loads(piped.stdout)["stats"]["prompt_tokens"] == len(engine.encode("from stdin", raw=True))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "-f", "/no/such/doc.txt", "-q", "x"], "document not found"),
+    (["run", "--threads", "0", "hi"], "--threads must be at least 1"),
+    (["run", "--top-p", "0", "hi"], "top_p must be in (0, 1]"),
+    (["run", "--dtype", "int3", "hi"], "unknown dtype"),
+    (["run", "--method", "magic", "hi"], "unknown attention method"),
+    (["run"], "nothing to answer"),
+])
+def test_bad_input_is_one_clear_line(model_dir, args, message) -> None:
+    result = invoke([*args[:1], "-m", model_dir, *args[1:]], stdin="")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr
+
+
+def test_chat_session(model_dir) -> None:
+    result = invoke(["chat", "-m", model_dir, "-n", "4"], stdin="hello\n/reset\nagain\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("prompt ") == 2  # one stats line per answered turn
+
+
+def test_every_flag_has_help() -> None:
+    command = typer.main.get_command(app)
+    for name in COMMANDS:
+        sub = command.commands[name]
+        assert sub.help
+        for param in sub.params:
+            if param.param_type_name == "option":
+                assert param.help, f"{name} {param.opts} has no help"
+        result = invoke([name, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_models_lists_catalog() -> None:
+    result = invoke(["models"])
+    assert result.exit_code == 0
+    assert "smollm2-135m" in result.stderr and "gemma3-270m" in result.stderr
