@@ -43,25 +43,35 @@ def _llama3(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 class Rotary:
-    """cos/sin for positions 0..n-1, grown on demand (by doubling) on the device of first use."""
+    """cos/sin for positions 0..n-1, grown on demand (by doubling) on the device of first use.
+
+    The sin table carries rotate-half's sign (-sin on the first half), so a rotation is one
+    roll and three elementwise ops; every layer of a step shares the last table slice fetched.
+    """
 
     def __init__(self, rope: RopeConfig, head_dim: int) -> None:
         self.inv_freq = inverse_frequencies(rope, head_dim)
         self._cos = self._sin = torch.empty(0, device="cpu")
+        self._last: tuple[tuple[int, int, torch.device, torch.dtype], torch.Tensor, torch.Tensor] | None = None
 
     def _grow(self, needed: int, device: torch.device) -> None:
         size = max(needed, 2 * self._cos.shape[0], 256)
         positions = torch.arange(size, dtype=torch.float32, device=device)
         freqs = positions[:, None] * self.inv_freq.to(device)[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self._cos, self._sin = emb.cos(), emb.sin()
+        self._cos = torch.cat([freqs, freqs], dim=-1).cos()
+        self._sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
 
     def table(self, start: int, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [length, head_dim] for positions start..start+length-1."""
+        """cos, signed sin: [length, head_dim] for positions start..start+length-1."""
+        key = (start, length, device, dtype)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1], self._last[2]
         if start + length > self._cos.shape[0] or self._cos.device != device:
             self._grow(start + length, device)
-        cos, sin = self._cos[start:start + length], self._sin[start:start + length]
-        return cos.to(dtype), sin.to(dtype)
+        cos = self._cos[start:start + length].to(dtype)
+        sin = self._sin[start:start + length].to(dtype)
+        self._last = (key, cos, sin)
+        return cos, sin
 
     def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: [B, H, T, D] at positions start..start+T-1 -> rotated, same shape and dtype."""
@@ -69,8 +79,7 @@ class Rotary:
         return apply_rotary(x, cos, sin)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [..., T, D]; cos/sin: [T, D] (broadcast over leading dims)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., T, D]; cos, signed_sin: [T, D]. Equals x*cos + rotate_half(x)*sin exactly:
+    rotate_half(x) = cat(-x2, x1) = roll(x, D/2) with the sign moved into the table."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
