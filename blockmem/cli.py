@@ -126,7 +126,7 @@ def run(
     model: Model = None, max_new_tokens: MaxNew = 256, temperature: Temperature = 0.0, top_k: TopK = 0,
     top_p: TopP = 1.0, seed: Seed = None, stop: Stop = None, system: System = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: continue the prompt as plain text.")] = False,
-    method: Method = "dense", chunk_size: Chunk = 512, threads: Threads = None, dtype: Dtype = "float32",
+    method: Method = "dense", chunk_size: Chunk = 1024, threads: Threads = None, dtype: Dtype = "float32",
     device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text and stats) instead of "
                                           "streaming.")] = False,
@@ -172,7 +172,7 @@ class _null:
 @_friendly
 def chat(model: Model = None, system: System = None, max_new_tokens: MaxNew = 512, temperature: Temperature = 0.0,
          top_k: TopK = 0, top_p: TopP = 1.0, seed: Seed = None, threads: Threads = None, dtype: Dtype = "float32",
-         device: Device = "auto", method: Method = "dense", chunk_size: Chunk = 512) -> None:
+         device: Device = "auto", method: Method = "dense", chunk_size: Chunk = 1024) -> None:
     """Talk with the model interactively. /reset clears the conversation, /exit or Ctrl-D quits."""
     from blockmem.engine import SamplingParams
 

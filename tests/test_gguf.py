@@ -16,7 +16,8 @@ from blockmem.model.gguf_file import GGUFFile
 from test_exactness import forward_chunks, reference_logits
 from tiny import write_gguf
 
-TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+         Q.IQ4_NL, Q.IQ4_XS]
 
 
 def hf_tokenizer_ids(tiny, family: str, text: str) -> list[int]:

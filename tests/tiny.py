@@ -111,14 +111,16 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _random_k_blocks(ggml_type, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Random K-quant bytes with small, finite fp16 scales (gguf cannot quantize K types)."""
+    """Random K/IQ-quant bytes with small, finite fp16 scales (gguf cannot quantize these types)."""
     from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as Q
 
     block, size = GGML_QUANT_SIZES[ggml_type]
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
     # fp16 super-block scales chosen so decoded weights are ~0.1, like a real layer's
-    offsets, value = {Q.Q4_K: ((0, 2), 5e-4), Q.Q5_K: ((0, 2), 2.5e-4), Q.Q6_K: ((208,), 1e-4)}[ggml_type]
+    offsets, value = {Q.Q4_K: ((0, 2), 5e-4), Q.Q5_K: ((0, 2), 2.5e-4), Q.Q6_K: ((208,), 1e-4),
+                      Q.Q2_K: ((80, 82), 3e-3), Q.Q3_K: ((108,), 1e-3), Q.IQ4_NL: ((0,), 1e-3),
+                      Q.IQ4_XS: ((0,), 3e-5)}[ggml_type]
     scale = np.frombuffer(np.float16(value).tobytes(), dtype=np.uint8)
     for offset in offsets:
         raw[:, offset:offset + 2] = scale
@@ -188,7 +190,7 @@ def write_gguf(model, family: str, path: Path, ggml_type=None, tokenizer: Tokeni
         elif arch == "llama" and ".attn_k." in target:
             data = _permute(data, cfg.num_key_value_heads)
         store = ggml_type if data.ndim == 2 else Q.F32
-        if store in (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q2_K, Q.Q3_K):
+        if store in (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS):
             raw = _random_k_blocks(store, *data.shape, rng)
         elif store == Q.F32:
             raw = data

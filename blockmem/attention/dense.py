@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from blockmem.attention.base import AttentionMethod, KVCache, LayerCache, LayerSpec
+from blockmem.attention.merge import merge, partial_attention
 from blockmem.model.rope import Rotary
 
 
@@ -68,9 +69,15 @@ class DenseLayer(LayerCache):
         keys, values = self.keys[:, :, key_start:end], self.values[:, :, key_start:end]
         if length == 1:
             return decode_attention(q, keys, values, self.spec.scale)
+        scale = self.spec.scale
+        if window is None and start > 0:
+            # Earlier keys need no mask, the chunk's own keys a plain causal one: two fast kernels
+            # merged exactly, instead of one masked kernel that cannot skip anything.
+            return merge([partial_attention(q, keys[:, :, :start], values[:, :, :start], scale, causal=False),
+                          partial_attention(q, keys[:, :, start:], values[:, :, start:], scale, causal=True)])
         causal = start == 0 and (window is None or window >= length)
         mask = None if causal else causal_mask(start, length, key_start, window, q.device)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=self.spec.scale,
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=scale,
                                               enable_gqa=self.spec.num_heads != self.spec.num_kv_heads)
 
     def nbytes(self) -> int:

@@ -55,7 +55,7 @@ class Stream:
 
 
 class Engine:
-    def __init__(self, model: Model, method: AttentionMethod | str = "dense", prefill_chunk: int = 512) -> None:
+    def __init__(self, model: Model, method: AttentionMethod | str = "dense", prefill_chunk: int = 1024) -> None:
         if prefill_chunk < 1:
             raise ConfigError(f"prefill chunk must be a positive number of tokens, got {prefill_chunk}")
         self.model = model

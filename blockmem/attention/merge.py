@@ -1,0 +1,67 @@
+"""Attention over separate key sets, merged exactly through their log-sum-exps.
+
+softmax over keys A ∪ B equals the two partial softmaxes reweighted: with per-query
+out_i, lse_i for each part, lse = logaddexp(lse_a, lse_b) and
+out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse).
+Sparse methods read sinks, selected blocks, a window and the current chunk as separate parts;
+dense prefill uses it to attend a chunk's earlier keys without a mask and its own keys causally.
+
+`partial_attention` uses the CPU flash-attention kernel, which returns the log-sum-exp, and falls
+back to `partial_attention_reference` (explicit float32 softmax) elsewhere; tests compare them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def partial_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                                causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] -> (out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32).
+
+    `causal` aligns the last query with the last key (the chunk's own keys)."""
+    groups = q.shape[1] // k.shape[1]
+    k32 = k.float().repeat_interleave(groups, dim=1)
+    v32 = v.float().repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k32.transpose(-1, -2)) * scale
+    if causal:
+        t, s = q.shape[2], k.shape[2]
+        allowed = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.softmax(scores, dim=-1) @ v32
+    return out.to(q.dtype), lse
+
+
+def _cpu_flash_available(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `partial_attention_reference`; causal parts must have as many keys as queries."""
+    if not _cpu_flash_available(q):
+        return partial_attention_reference(q, k, v, scale, causal)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    batch, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    if causal:  # the kernel has no GQA: repeat this part's (few) keys per query head
+        groups = heads // kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return flash(q, k, v, 0.0, True, scale=scale)
+    # Without a mask every query of a GQA group reads the same keys: stack the group's heads as
+    # rows of one query block instead of repeating keys.
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads * length, dim)
+    out, lse = flash(grouped, k, v, 0.0, False, scale=scale)
+    return out.reshape(batch, heads, length, dim), lse.reshape(batch, heads, length)
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Combine partial attentions over disjoint key sets into attention over their union."""
+    out, lse = parts[0]
+    out = out.float()
+    for part_out, part_lse in parts[1:]:
+        total = torch.logaddexp(lse, part_lse)
+        out = out * torch.exp(lse - total).unsqueeze(-1) + part_out.float() * torch.exp(part_lse - total).unsqueeze(-1)
+        lse = total
+    return out.to(parts[0][0].dtype)
