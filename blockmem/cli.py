@@ -7,6 +7,7 @@ line with the fix and exit with status 2, never as a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -145,7 +146,7 @@ def run(
     ids = engine.encode(text, messages, raw=raw)
     progress, update = _progress(len(ids))
     show_progress = len(ids) > 2 * chunk_size
-    with progress if show_progress else _null():
+    with progress if show_progress else contextlib.nullcontext():
         stream = engine.stream(prompt_ids=ids, params=params, on_prefill=update if show_progress else None)
         for piece in stream:
             if not as_json:
@@ -158,14 +159,6 @@ def run(
         return
     sys.stdout.write("\n")
     err.print(f"[dim]{completion.stats.summary()}[/dim]")
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 @app.command()

@@ -55,3 +55,21 @@ def test_greedy_generation_matches_transformers(tiny, family: str) -> None:
         prompt_ids=prompt, max_new_tokens=64, ignore_eos=True)
     assert len(expected) == 64
     assert completion.token_ids == expected
+
+
+def test_sharded_safetensors_directory(tiny, tmp_path) -> None:
+    from blockmem.errors import ModelError
+
+    directory, ref = tiny.get("qwen2")
+    sharded = tmp_path / "sharded"
+    ref.save_pretrained(sharded, max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((directory / name).read_bytes())
+    shards = sorted(sharded.glob("*.safetensors"))
+    assert len(shards) > 3 and (sharded / "model.safetensors.index.json").exists()
+    model = blockmem.load(sharded, device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(2))
+    assert (forward_chunks(model, ids, 30) - reference_logits(ref, ids)).abs().max().item() < 1e-4
+    shards[1].unlink()
+    with pytest.raises(ModelError, match=f"weight shard .*{shards[1].name} is missing"):
+        blockmem.load(sharded, device="cpu")

@@ -70,9 +70,10 @@ class DenseLayer(LayerCache):
         if length == 1:
             return decode_attention(q, keys, values, self.spec.scale)
         scale = self.spec.scale
-        if window is None and start > 0:
-            # Earlier keys need no mask, the chunk's own keys a plain causal one: two fast kernels
-            # merged exactly, instead of one masked kernel that cannot skip anything.
+        if window is None and start > 0 and q.device.type == "cpu":
+            # Earlier keys need no mask, the chunk's own keys a plain causal one: two fast CPU
+            # kernels merged exactly, instead of one masked kernel that cannot skip anything.
+            # (GPU SDPA kernels handle the mask well; the split stays a CPU path.)
             return merge([partial_attention(q, keys[:, :, :start], values[:, :, :start], scale, causal=False),
                           partial_attention(q, keys[:, :, start:], values[:, :, start:], scale, causal=True)])
         causal = start == 0 and (window is None or window >= length)

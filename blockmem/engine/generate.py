@@ -19,7 +19,7 @@ import torch
 
 from blockmem.attention import AttentionMethod, KVCache, create_method
 from blockmem.engine.sampler import Sampler, SamplingParams
-from blockmem.engine.stats import Stats, peak_rss_bytes
+from blockmem.engine.stats import Stats, peak_gpu_bytes, peak_rss_bytes
 from blockmem.engine.stops import StopMatcher
 from blockmem.errors import ConfigError, ContextLengthError
 from blockmem.model.decoder import Logits
@@ -162,5 +162,6 @@ class Engine:
         stats.generated_tokens = len(generated)
         stats.decode_seconds = time.perf_counter() - started - first
         stats.peak_rss_bytes = peak_rss_bytes()
+        stats.peak_gpu_bytes = peak_gpu_bytes(self.model.decoder.device)
         stats.kv_cache_bytes = cache.nbytes()
         return Completion("".join(pieces), generated, finish, stats, self.method.describe())

@@ -6,6 +6,12 @@ import resource
 import sys
 from dataclasses import asdict, dataclass
 
+import torch
+
+
+def peak_gpu_bytes(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far."""
@@ -22,6 +28,7 @@ class Stats:
     time_to_first_token: float = 0.0  # prefill plus sampling the first token
     decode_seconds: float = 0.0  # after the first token
     peak_rss_bytes: int = 0
+    peak_gpu_bytes: int = 0  # torch's peak allocation on a CUDA device (0 on CPU)
     kv_cache_bytes: int = 0
 
     @property
@@ -40,6 +47,7 @@ class Stats:
         return out
 
     def summary(self) -> str:
+        gpu = f" | peak GPU {self.peak_gpu_bytes / 2**20:.0f} MiB" if self.peak_gpu_bytes else ""
         return (f"prompt {self.prompt_tokens} tok | prefill {self.prefill_tokens_per_second:.1f} tok/s | "
                 f"TTFT {self.time_to_first_token:.2f} s | decode {self.decode_tokens_per_second:.1f} tok/s "
-                f"({self.generated_tokens} tok) | peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
+                f"({self.generated_tokens} tok) | peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB{gpu}")

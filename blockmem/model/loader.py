@@ -89,6 +89,5 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "float32
         config = config_from_gguf(gguf)
         tokenizer = tokenizer_from_gguf(gguf.metadata, str(path))
         tensors = gguf_tensors(gguf, config)
-    on_device = ((name, tensor.to(torch_device)) for name, tensor in tensors)
-    decoder = build_model(config, on_device, torch_dtype, str(path), pack=pack)
+    decoder = build_model(config, tensors, torch_dtype, torch_device, str(path), pack=pack)
     return Model(decoder, tokenizer, config, name, path, time.perf_counter() - started)

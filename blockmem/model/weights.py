@@ -18,10 +18,11 @@ from blockmem.model.decoder import Decoder
 _FUSED = {"attn.qkv": ("attn.q", "attn.k", "attn.v"), "mlp.gate_up": ("mlp.gate", "mlp.up")}
 
 
-def fuse(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def fuse(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, dtype: torch.dtype,
+         device: torch.device) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name, tensor in tensors:
-        state[name] = tensor.to(torch.float32 if name.endswith("norm.weight") else dtype)
+        state[name] = tensor.to(device=device, dtype=torch.float32 if name.endswith("norm.weight") else dtype)
     for layer in range(cfg.num_layers):
         for fused, parts in _FUSED.items():
             for suffix in ("weight", "bias"):
@@ -34,8 +35,8 @@ def fuse(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, dtype: t
 
 
 def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                source: str, pack: bool = True) -> Decoder:
-    state = fuse(tensors, cfg, dtype)
+                device: torch.device, source: str, pack: bool = True) -> Decoder:
+    state = fuse(tensors, cfg, dtype, device)
     with torch.device("meta"):
         model = Decoder(cfg)
     expected = set(model.state_dict())
