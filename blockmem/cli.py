@@ -38,7 +38,24 @@ Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop when this t
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")]
 Dtype = Annotated[str, typer.Option(help="Weight and activation dtype: float32, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto picks a GPU when torch sees one.")]
-Method = Annotated[str, typer.Option(help="Attention method: dense (the only one so far).")]
+Method = Annotated[str, typer.Option(help="Attention method: dense (exact, limited to the model's trained context), "
+                                     "streaming, infllm, blocksparse, nosa or quest (block memory: any length). "
+                                     "Unset method options below keep the method's default.")]
+_METHOD_HELP = "Method option (block-memory methods)."
+BlockSize = Annotated[int | None, typer.Option(help=f"{_METHOD_HELP} Tokens per memory block.")]
+TopK_ = Annotated[int | None, typer.Option("--topk", help=f"{_METHOD_HELP} Blocks read per query step.")]
+NInit = Annotated[int | None, typer.Option(help=f"{_METHOD_HELP} First tokens always read (attention sinks).")]
+NLocal = Annotated[int | None, typer.Option(help=f"{_METHOD_HELP} Recent tokens always read (local window).")]
+PositionOpt = Annotated[str | None, typer.Option("--position", help=f"{_METHOD_HELP} Position policy: true, infllm "
+                                                 "(memory at a fixed distance) or compacted.")]
+ReprKeys = Annotated[int | None, typer.Option(help="infllm: representative keys per block.")]
+PerHead = Annotated[bool | None, typer.Option("--per-head/--shared", help="infllm: one selection per KV head "
+                                              "instead of one per layer.", show_default=False)]
+Switch = Annotated[int | None, typer.Option(help="blocksparse/nosa: read everything below this many tokens.")]
+PoolKernel = Annotated[int | None, typer.Option(help="blocksparse/nosa: tokens per pooled sub-block.")]
+PoolStride = Annotated[int | None, typer.Option(help="blocksparse/nosa: stride between pooled sub-blocks.")]
+Agnostic = Annotated[float | None, typer.Option(help="nosa: share of the blocks chosen without the query.")]
+Importance = Annotated[str | None, typer.Option(help="nosa: query-agnostic importance, mass or vnorm.")]
 Chunk = Annotated[int, typer.Option("--chunk-size", help="Prefill chunk in tokens: bounds memory per step.")]
 System = Annotated[str | None, typer.Option(help="System prompt for chat models.")]
 
@@ -62,9 +79,11 @@ def _friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _setup(model: str | None, dtype: str, device: str, threads: int | None, method: str, chunk: int) -> Any:
+def _setup(model: str | None, dtype: str, device: str, threads: int | None, method: str, chunk: int,
+           options: dict[str, Any] | None = None) -> Any:
     import torch
 
+    from blockmem.attention import create_method
     from blockmem.engine import Engine
     from blockmem.model.loader import load
 
@@ -72,9 +91,20 @@ def _setup(model: str | None, dtype: str, device: str, threads: int | None, meth
         if threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
+    chosen = create_method(method, **{k: v for k, v in (options or {}).items() if v is not None})
     with err.status(f"loading {model or 'smollm2-135m'} ...", spinner="dots"):
         loaded = load(model, dtype=dtype, device=device)
-    return Engine(loaded, method=method, prefill_chunk=chunk)
+    return Engine(loaded, method=chosen, prefill_chunk=chunk)
+
+
+def _method_line(method: dict[str, Any]) -> str:
+    """What a block-memory method read per decode step, for the summary."""
+    decode = method.get("telemetry", {}).get("decode")
+    if not decode:
+        return ""
+    locality = f", locality {decode['locality']:.2f}" if decode.get("locality") is not None else ""
+    return (f"{method['method']}: {decode['tokens_attended']:.0f} tokens read per step "
+            f"(budget {method['effective_budget']}){locality}")
 
 
 def _read_documents(files: list[Path]) -> str:
@@ -127,17 +157,23 @@ def run(
     model: Model = None, max_new_tokens: MaxNew = 256, temperature: Temperature = 0.0, top_k: TopK = 0,
     top_p: TopP = 1.0, seed: Seed = None, stop: Stop = None, system: System = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: continue the prompt as plain text.")] = False,
-    method: Method = "dense", chunk_size: Chunk = 1024, threads: Threads = None, dtype: Dtype = "float32",
-    device: Device = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text and stats) instead of "
-                                          "streaming.")] = False,
+    method: Method = "dense", block_size: BlockSize = None, topk: TopK_ = None, n_init: NInit = None,
+    n_local: NLocal = None, position: PositionOpt = None, repr_keys: ReprKeys = None, per_head: PerHead = None,
+    switch_length: Switch = None, pool_kernel: PoolKernel = None, pool_stride: PoolStride = None,
+    agnostic_fraction: Agnostic = None, importance: Importance = None,
+    chunk_size: Chunk = 1024, threads: Threads = None, dtype: Dtype = "float32", device: Device = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, stats, method settings and "
+                                          "selection telemetry) instead of streaming.")] = False,
 ) -> None:
     """Answer one prompt (optionally about documents), streaming the answer, then a stats line."""
     from blockmem.engine import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=tuple(stop or ()))
-    engine = _setup(model, dtype, device, threads, method, chunk_size)
+    options = dict(block_size=block_size, topk=topk, n_init=n_init, n_local=n_local, position=position,
+                   repr_keys=repr_keys, per_head=per_head, switch_length=switch_length, pool_kernel=pool_kernel,
+                   pool_stride=pool_stride, agnostic_fraction=agnostic_fraction, importance=importance)
+    engine = _setup(model, dtype, device, threads, method, chunk_size, options)
     chat = engine.model.has_chat_template
     text = _compose(prompt, list(file or []), question, raw, chat)
     messages = None
@@ -159,6 +195,8 @@ def run(
         return
     sys.stdout.write("\n")
     err.print(f"[dim]{completion.stats.summary()}[/dim]")
+    if _method_line(completion.method):
+        err.print(f"[dim]{_method_line(completion.method)}[/dim]")
 
 
 @app.command()

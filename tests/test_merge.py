@@ -35,4 +35,6 @@ def test_merge_equals_one_softmax_over_the_union(splits) -> None:
     parts = [partial_attention(q, k[:, :, a:b], v[:, :, a:b], 0.3, causal=False) for a, b in zip(bounds, bounds[1:])]
     parts.append(partial_attention(q, k[:, :, 23:], v[:, :, 23:], 0.3, causal=True))  # the chunk's own 5 keys
     expected, _ = partial_attention_reference(q, k, v, 0.3, causal=True)
-    assert torch.allclose(merge(parts), expected, atol=1e-5)
+    out, lse = merge(parts)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(lse, partial_attention_reference(q, k, v, 0.3, causal=True)[1], atol=1e-5)

@@ -3,28 +3,43 @@ it to the shared test matrix in tests/test_attention.py."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from blockmem.attention.base import AttentionMethod, KVCache, LayerCache, LayerSpec
+from blockmem.attention.blocksparse import BlockSparseMethod
 from blockmem.attention.dense import DenseMethod
+from blockmem.attention.infllm import InfLLMMethod
+from blockmem.attention.nosa import NosaMethod
+from blockmem.attention.quest import QuestMethod
+from blockmem.attention.sparse import Position, SparseMethod
+from blockmem.attention.streaming import StreamingMethod
 from blockmem.errors import ConfigError
 
 METHODS: dict[str, type[AttentionMethod]] = {
-    DenseMethod.name: DenseMethod,
+    method.name: method
+    for method in (DenseMethod, StreamingMethod, InfLLMMethod, BlockSparseMethod, NosaMethod, QuestMethod)
 }
+
+
+def method_options(name: str) -> list[str]:
+    """The option names the method `name` accepts."""
+    cls = METHODS[name]
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
 
 
 def create_method(name: str, **options: Any) -> AttentionMethod:
     """The method registered as `name`, built with its validated `options`."""
-    try:
-        cls = METHODS[name]
-    except KeyError:
-        raise ConfigError(f"unknown attention method {name!r}",
-                          f"choose one of: {', '.join(sorted(METHODS))}") from None
-    try:
-        return cls(**options)
-    except TypeError as exc:
-        raise ConfigError(f"invalid options for method {name!r}: {exc}") from None
+    if name not in METHODS:
+        raise ConfigError(f"unknown attention method {name!r}", f"choose one of: {', '.join(METHODS)}")
+    accepted = method_options(name)
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        flags = ", ".join("--" + key.replace("_", "-") for key in unknown)
+        takes = ", ".join("--" + key.replace("_", "-") for key in accepted) or "no options"
+        raise ConfigError(f"{flags} does not apply to the {name} method", f"{name} takes {takes}")
+    return METHODS[name](**options)
 
 
-__all__ = ["AttentionMethod", "KVCache", "LayerCache", "LayerSpec", "METHODS", "create_method"]
+__all__ = ["AttentionMethod", "KVCache", "LayerCache", "LayerSpec", "METHODS", "Position", "SparseMethod",
+           "create_method", "method_options"]

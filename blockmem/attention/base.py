@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from blockmem.attention.telemetry import Telemetry
 from blockmem.model.rope import Rotary
 
 
@@ -49,10 +50,11 @@ class LayerCache(ABC):
 
 
 class KVCache:
-    """All layers' state for one sequence under one method."""
+    """All layers' state for one sequence under one method (and its selection telemetry)."""
 
-    def __init__(self, layers: list[LayerCache]) -> None:
+    def __init__(self, layers: list[LayerCache], telemetry: Telemetry | None = None) -> None:
         self.layers = layers
+        self.telemetry = telemetry
         self.length = 0  # tokens written so far
 
     def advance(self, n: int) -> None:

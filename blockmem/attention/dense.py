@@ -38,10 +38,16 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 class DenseLayer(LayerCache):
+    """Keys rotated at true positions in a buffer [B, Hkv, capacity, D] that grows by doubling.
+    A sliding-window layer drops keys no future query can see, so its memory stays bounded;
+    `offset` is the absolute position held in buffer slot 0."""
+
     def __init__(self, spec: LayerSpec, device: torch.device, dtype: torch.dtype) -> None:
         self.spec = spec
         self.keys = torch.empty(0, device=device, dtype=dtype)  # [B, Hkv, capacity, D]
         self.values = torch.empty(0, device=device, dtype=dtype)
+        self.offset = 0
+        self.end = 0  # absolute position after the last key written
 
     def _reserve(self, k: torch.Tensor, needed: int) -> None:
         capacity = self.keys.shape[2] if self.keys.dim() == 4 else 0
@@ -50,39 +56,61 @@ class DenseLayer(LayerCache):
         size = max(needed, 2 * capacity, 256)
         shape = (k.shape[0], k.shape[1], size, k.shape[3])
         keys, values = k.new_empty(shape), k.new_empty(shape)
-        if capacity:
-            keys[:, :, :capacity] = self.keys
-            values[:, :, :capacity] = self.values
+        held = self.end - self.offset
+        if held:
+            keys[:, :, :held] = self.keys[:, :, :held]
+            values[:, :, :held] = self.values[:, :, :held]
         self.keys, self.values = keys, values
+
+    def _trim(self) -> None:
+        """Drop keys before the next query's window once that frees at least a window's worth."""
+        window = self.spec.window
+        if window is None:
+            return
+        keep_from = self.end - window + 1
+        drop = keep_from - self.offset
+        if drop < max(window, 256):
+            return
+        held = self.end - keep_from
+        self.keys[:, :, :held] = self.keys[:, :, drop:drop + held].clone()
+        self.values[:, :, :held] = self.values[:, :, drop:drop + held].clone()
+        self.offset = keep_from
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary, start: int) -> torch.Tensor:
         length = q.shape[2]
         end = start + length
         q, k = rotary.rotate(q, start), rotary.rotate(k, start)
-        self._reserve(k, end)
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
+        self._reserve(k, end - self.offset)
+        self.keys[:, :, start - self.offset:end - self.offset] = k
+        self.values[:, :, start - self.offset:end - self.offset] = v
+        self.end = end
         window = self.spec.window
         key_start = 0 if window is None else max(0, start - window + 1)
-        # A single query needs no mask: the slice already holds exactly the keys it may read.
-        # A first chunk without a window is plain causal attention, which has a faster kernel.
-        keys, values = self.keys[:, :, key_start:end], self.values[:, :, key_start:end]
+        keys = self.keys[:, :, key_start - self.offset:end - self.offset]
+        values = self.values[:, :, key_start - self.offset:end - self.offset]
+        out = self._attend(q, keys, values, start, key_start, length)
+        self._trim()
+        return out
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, key_start: int,
+                length: int) -> torch.Tensor:
+        window, scale = self.spec.window, self.spec.scale
         if length == 1:
-            return decode_attention(q, keys, values, self.spec.scale)
-        scale = self.spec.scale
+            return decode_attention(q, keys, values, scale)
         if window is None and start > 0 and q.device.type == "cpu":
             # Earlier keys need no mask, the chunk's own keys a plain causal one: two fast CPU
             # kernels merged exactly, instead of one masked kernel that cannot skip anything.
             # (GPU SDPA kernels handle the mask well; the split stays a CPU path.)
             return merge([partial_attention(q, keys[:, :, :start], values[:, :, :start], scale, causal=False),
-                          partial_attention(q, keys[:, :, start:], values[:, :, start:], scale, causal=True)])
+                          partial_attention(q, keys[:, :, start:], values[:, :, start:], scale, causal=True)])[0]
         causal = start == 0 and (window is None or window >= length)
         mask = None if causal else causal_mask(start, length, key_start, window, q.device)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=scale,
                                               enable_gqa=self.spec.num_heads != self.spec.num_kv_heads)
 
     def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() * 2
+        held = (self.end - self.offset) * self.keys.shape[1] * self.keys.shape[3] if self.keys.dim() == 4 else 0
+        return 2 * held * self.keys.element_size()
 
 
 class DenseMethod(AttentionMethod):

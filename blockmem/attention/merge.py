@@ -56,12 +56,15 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out.reshape(batch, heads, length, dim), lse.reshape(batch, heads, length)
 
 
-def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Combine partial attentions over disjoint key sets into attention over their union."""
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine partial attentions over disjoint key sets into attention over their union:
+    (out [B, Hq, T, D] in the parts' dtype, lse [B, Hq, T] float32)."""
     out, lse = parts[0]
+    if len(parts) == 1:
+        return out, lse
     out = out.float()
     for part_out, part_lse in parts[1:]:
         total = torch.logaddexp(lse, part_lse)
         out = out * torch.exp(lse - total).unsqueeze(-1) + part_out.float() * torch.exp(part_lse - total).unsqueeze(-1)
         lse = total
-    return out.to(parts[0][0].dtype)
+    return out.to(parts[0][0].dtype), lse

@@ -102,7 +102,7 @@ class Engine:
             raise ContextLengthError(
                 f"the prompt has {prompt_tokens} tokens but {self.model.name} with the "
                 f"{self.method.name} method serves at most {limit}",
-                "shorten the input, or use a sparse attention method once available")
+                "shorten the input, or use a block-memory method such as --method infllm")
         return limit
 
     @torch.inference_mode()
@@ -164,4 +164,7 @@ class Engine:
         stats.peak_rss_bytes = peak_rss_bytes()
         stats.peak_gpu_bytes = peak_gpu_bytes(self.model.decoder.device)
         stats.kv_cache_bytes = cache.nbytes()
-        return Completion("".join(pieces), generated, finish, stats, self.method.describe())
+        method = self.method.describe()
+        if cache.telemetry is not None:
+            method["telemetry"] = cache.telemetry.summary()
+        return Completion("".join(pieces), generated, finish, stats, method)

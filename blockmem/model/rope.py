@@ -46,13 +46,13 @@ class Rotary:
     """cos/sin for positions 0..n-1, grown on demand (by doubling) on the device of first use.
 
     The sin table carries rotate-half's sign (-sin on the first half), so a rotation is one
-    roll and three elementwise ops; every layer of a step shares the last table slice fetched.
+    roll and three elementwise ops; the layers of a step share the few slices they fetch.
     """
 
     def __init__(self, rope: RopeConfig, head_dim: int) -> None:
         self.inv_freq = inverse_frequencies(rope, head_dim)
         self._cos = self._sin = torch.empty(0, device="cpu")
-        self._last: tuple[tuple[int, int, torch.device, torch.dtype], torch.Tensor, torch.Tensor] | None = None
+        self._slices: dict[tuple[int, int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _grow(self, needed: int, device: torch.device) -> None:
         size = max(needed, 2 * self._cos.shape[0], 256)
@@ -64,19 +64,29 @@ class Rotary:
     def table(self, start: int, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin: [length, head_dim] for positions start..start+length-1."""
         key = (start, length, device, dtype)
-        if self._last is not None and self._last[0] == key:
-            return self._last[1], self._last[2]
+        if key in self._slices:
+            return self._slices[key]
         if start + length > self._cos.shape[0] or self._cos.device != device:
             self._grow(start + length, device)
-        cos = self._cos[start:start + length].to(dtype)
-        sin = self._sin[start:start + length].to(dtype)
-        self._last = (key, cos, sin)
-        return cos, sin
+        if len(self._slices) >= 16:  # positions move on every step; keep only recent slices
+            self._slices.clear()
+        self._slices[key] = (self._cos[start:start + length].to(dtype), self._sin[start:start + length].to(dtype))
+        return self._slices[key]
 
     def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x: [B, H, T, D] at positions start..start+T-1 -> rotated, same shape and dtype."""
+        """x: [..., T, D] at positions start..start+T-1 -> rotated, same shape and dtype."""
         cos, sin = self.table(start, x.shape[-2], x.device, x.dtype)
         return apply_rotary(x, cos, sin)
+
+    def rotate_at(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        """Every row of x [..., T, D] rotated as if it sat at `position`."""
+        cos, sin = self.table(position, 1, x.device, x.dtype)
+        return apply_rotary(x, cos, sin)
+
+    def unrotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """The inverse of `rotate(x, start)`: keys back to their position-free form."""
+        cos, sin = self.table(start, x.shape[-2], x.device, x.dtype)
+        return x * cos - x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

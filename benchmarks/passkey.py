@@ -1,0 +1,146 @@
+"""Passkey retrieval by method and context length (filler haystack, 5-digit key, random depth).
+
+    python benchmarks/passkey.py --model smollm2-135m --lengths 4k,8k,16k,32k,64k \\
+        --methods dense,streaming,infllm,blocksparse,nosa,quest --trials 10 \\
+        --out benchmarks/results/passkey-smollm2.jsonl
+
+One JSON line per trial (appended as soon as it finishes), so an interrupted run continues where
+it stopped when started again with the same --out. A method that refuses a length (dense past the
+model's window) is recorded once as refused. `--table` prints the markdown table of a results file.
+A method may carry options: `infllm:topk=8,n_local=1024`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import blockmem
+from blockmem.attention import create_method
+from blockmem.errors import ContextLengthError
+from blockmem.eval.passkey import make_trial, parse_length
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+    return name, options
+
+
+def done_keys(path: Path) -> set[tuple[str, int, int]]:
+    if not path.exists():
+        return set()
+    keys = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            keys.add((record["method"], record["length"], record["trial"]))
+    return keys
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    model = blockmem.load(args.model, device="cpu", dtype=args.dtype)
+    done = done_keys(args.out)
+    for length in [parse_length(x) for x in args.lengths.split(",")]:
+        for spec in args.methods.split(";" if ";" in args.methods else ","):
+            name, options = parse_method(spec)
+            engine = blockmem.Engine(model, method=create_method(name, **options))
+            for index in range(args.trials):
+                if (spec, length, index) in done or (spec, length, -1) in done:
+                    continue
+                trial = make_trial(model.tokenizer, length, index, seed=args.seed)
+                record: dict[str, Any] = {"method": spec, "length": length, "trial": index, "tokens": trial.tokens,
+                                          "depth": round(trial.depth, 4), "key": trial.key}
+                started = time.perf_counter()
+                try:
+                    out = engine.generate(trial.prompt, raw=True, max_new_tokens=8)
+                except ContextLengthError as exc:
+                    record.update(trial=-1, refused=str(exc))
+                    _append(args.out, record)
+                    break
+                record.update(answer=out.text, correct=trial.score(out.text), seconds=round(time.perf_counter() - started, 1),
+                              prefill_tok_s=round(out.stats.prefill_tokens_per_second, 1),
+                              decode_tok_s=round(out.stats.decode_tokens_per_second, 1),
+                              peak_rss_mib=round(out.stats.peak_rss_bytes / 2**20))
+                telemetry = out.method.get("telemetry", {}).get("decode", {})
+                record["tokens_attended"] = telemetry.get("tokens_attended")
+                _append(args.out, record)
+                print(f"{spec} {length} #{index}: {'ok ' if record['correct'] else 'MISS'} {out.text!r} "
+                      f"(key {trial.key}, depth {trial.depth:.2f}, {record['seconds']} s)", file=sys.stderr, flush=True)
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def table(path: Path) -> str:
+    results: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    methods: list[str] = []
+    lengths: set[int] = set()
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        results[(record["method"], record["length"])].append(record)
+        lengths.add(record["length"])
+        if record["method"] not in methods:
+            methods.append(record["method"])
+    ordered = sorted(lengths)
+    header = "| method | " + " | ".join(f"{n // 1024}K" for n in ordered) + " |"
+    rows = [header, "|---|" + "---:|" * len(ordered)]
+    for method in methods:
+        cells = []
+        for length in ordered:
+            records = results.get((method, length), [])
+            if any("refused" in r for r in records):
+                cells.append("refused")
+            elif records:
+                correct = sum(r["correct"] for r in records)
+                cells.append(f"{correct}/{len(records)}")
+            else:
+                cells.append("–")
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    speed = ["", "| method | length | prefill tok/s | decode tok/s | tokens read per decode step |", "|---|---:|---:|---:|---:|"]
+    for (method, length), records in sorted(results.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1])):
+        timed = [r for r in records if "prefill_tok_s" in r]
+        if timed:
+            mean = lambda key: sum(r[key] for r in timed) / len(timed)  # noqa: E731
+            attended = [r["tokens_attended"] for r in timed if r.get("tokens_attended")]
+            read = f"{sum(attended) / len(attended):.0f}" if attended else "all"
+            speed.append(f"| {method} | {length // 1024}K | {mean('prefill_tok_s'):.0f} | {mean('decode_tok_s'):.1f} | {read} |")
+    return "\n".join(rows + speed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--lengths", default="4k,8k,16k,32k,64k")
+    parser.add_argument("--methods", default="dense,streaming,infllm,blocksparse,nosa,quest",
+                        help="comma-separated; use ';' between methods when options contain commas")
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/passkey.jsonl"))
+    parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(table(args.out))
+        return
+    run(args)
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()

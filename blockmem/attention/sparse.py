@@ -1,0 +1,259 @@
+"""What every block-memory method shares: the attend step over sinks, selected blocks and window.
+
+Each query chunk attends up to four parts, each with the query rotated for that part, merged
+exactly by log-sum-exp:
+    sinks    [0, n_init)            query at its compacted local position (or its true one)
+    blocks   top-k by the method    per position policy: true positions, or memory at a fixed
+                                    distance n_local (InfLLM), or renumbered contiguously
+    window   [window_start, length) true positions (relative distances are exact)
+    (the chunk's own keys are the window's tail, read causally)
+Until the first token leaves the window everything is read like `dense`. After attending, the
+window's oldest whole blocks beyond n_local move to the block store with the method's summary.
+A method subclasses `SparseMethod` and implements `summarize` and `select`.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import abstractmethod
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from blockmem.attention.base import AttentionMethod, KVCache, LayerCache, LayerSpec
+from blockmem.attention.dense import DenseLayer
+from blockmem.attention.merge import merge, partial_attention
+from blockmem.attention.telemetry import Telemetry
+from blockmem.errors import ConfigError
+from blockmem.memory.layer import LayerMemory
+from blockmem.memory.store import BlockStore
+from blockmem.model.rope import Rotary
+
+
+_SCORING_QUERIES = 256  # most queries of a chunk used to score window tokens
+
+
+class Position(enum.Enum):
+    TRUE = "true"  # every key at its absolute position (long-trained or natively sparse models)
+    INFLLM = "infllm"  # local context compacted, selected memory at a fixed distance n_local
+    COMPACTED = "compacted"  # sinks, selected blocks and window renumbered contiguously
+
+
+@dataclass(frozen=True)
+class SparseMethod(AttentionMethod):
+    """Common options. Subclasses add theirs and say in their docstring what they read."""
+
+    n_init: int = 128
+    n_local: int = 2048
+    block_size: int = 128
+    topk: int = 16
+    position: Position | str = Position.TRUE
+    keeps_blocks: ClassVar[bool] = True  # False: evicted tokens are dropped (StreamingLLM)
+    needs_scores: ClassVar[bool] = False  # True: track the attention mass window tokens receive
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "position", Position(self.position))
+        except ValueError:
+            raise ConfigError(f"unknown position policy {self.position!r}", "use true, infllm or compacted") from None
+        for name in ("n_local", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{self.name}: {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.n_init < 0 or self.topk < 0:
+            raise ConfigError(f"{self.name}: n-init and topk must not be negative")
+
+    def context_limit(self, model_limit: int) -> int | None:
+        return None  # bounded by memory, not by the model's window
+
+    def budget(self) -> int:
+        """The effective budget: sinks + window + k blocks, in tokens."""
+        return self.n_init + self.n_local + (self.topk * self.block_size if self.keeps_blocks else 0)
+
+    def max_attended(self) -> int:
+        """The most tokens one query reads: the window runs up to a block past n_local before its
+        oldest block leaves."""
+        return self.budget() + self.block_size - 1
+
+    def describe(self) -> dict[str, Any]:
+        options = {f.name: getattr(self, f.name) for f in fields(self)}
+        options["position"] = self.position.value
+        return {"method": self.name, **options, "effective_budget": self.budget(), "max_attended": self.max_attended()}
+
+    def new_cache(self, specs: list[LayerSpec], device: torch.device, dtype: torch.dtype) -> KVCache:
+        telemetry = Telemetry(len(specs))
+        layers: list[LayerCache] = [
+            DenseLayer(spec, device, dtype) if spec.window is not None  # sliding layers keep their own window
+            else SparseLayer(self, spec, telemetry, device, dtype) for spec in specs]
+        return KVCache(layers, telemetry)
+
+    @abstractmethod
+    def summarize(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Summaries of one block leaving the window. keys (as stored), values: [Hkv, block, D];
+        scores: [Hkv, block] attention mass each token received while in the window."""
+
+    @abstractmethod
+    def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
+        """Block ids to read: [Hkv, k], sorted per head. q: [1, Hq, T, D], rotated as the memory
+        part will see it; `length`: tokens in the sequence so far. Only called when the store
+        holds more than `topk` blocks."""
+
+
+def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores: [Hkv, n] -> the k best ids per head, sorted by position [Hkv, k]. Ties go to the
+    lower id (deterministic)."""
+    order = torch.argsort(-scores, dim=-1, stable=True)[:, :k]
+    return order.sort(dim=-1).values
+
+
+def grouped_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """q: [1, Hq, T, D] -> [Hkv, G * T, D]: the query heads sharing a KV head as one block of rows."""
+    return q.reshape(kv_heads, -1, q.shape[-1])
+
+
+class WorkingSet:
+    """Selected blocks held in slots: keys, values [1, Hkv, k * block, D]; slots [Hkv, k] the block
+    id in each slot. A new selection overwrites only the slots of blocks no longer selected."""
+
+    def __init__(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.slots, self.keys, self.values = slots, keys, values
+
+    def update(self, store: BlockStore, ids: torch.Tensor) -> None:
+        heads, k = ids.shape
+        for head in range(heads):
+            old, new = self.slots[head].tolist(), ids[head].tolist()
+            if old == new:
+                continue
+            wanted, held = set(new), set(old)
+            free = [slot for slot, block in enumerate(old) if block not in wanted]
+            added = [block for block in new if block not in held]
+            if not added:
+                continue
+            slot_index = torch.tensor(free, device=ids.device)
+            block_index = torch.tensor(added, device=ids.device)
+            for target, pool in ((self.keys, store.keys), (self.values, store.values)):
+                view = target[0, head].view(k, store.block_size, store.head_dim)
+                view[slot_index] = pool[head].index_select(0, block_index)
+            self.slots[head, slot_index] = block_index
+
+
+class SparseLayer(LayerCache):
+    def __init__(self, method: SparseMethod, spec: LayerSpec, telemetry: Telemetry, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.method, self.spec, self.telemetry = method, spec, telemetry
+        self.memory = LayerMemory(spec.num_kv_heads, spec.head_dim, method.n_init, method.n_local, method.block_size,
+                                  method.keeps_blocks, device, dtype)
+        self._working: WorkingSet | None = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary, start: int) -> torch.Tensor:
+        if q.shape[0] != 1:
+            raise ConfigError(f"the {self.method.name} method serves one sequence at a time (batch size 1)")
+        memory, scale, length = self.memory, self.spec.scale, q.shape[2]
+        q_true = rotary.rotate(q, start)
+        memory.append(rotary.rotate(k, start), v)
+        if memory.contiguous:
+            keys, values = memory.local()
+            out, lse = merge(self._window_parts(q_true, keys, values, length, scale))
+            self.telemetry.record(self.spec.index, length, start + length, None)
+        else:
+            out, lse = self._attend_memory(q, q_true, rotary, start, length, scale)
+        if self.method.needs_scores:
+            self._score_window(q_true, lse, start)
+        self._evict(rotary)
+        return out
+
+    def _window_parts(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
+                      scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Earlier keys without a mask, the chunk's own keys causally; a single query reads all at once."""
+        prefix = keys.shape[2] - length
+        if length == 1 or prefix == 0:
+            return [partial_attention(q, keys, values, scale, causal=length > 1)]
+        return [partial_attention(q, keys[:, :, :prefix], values[:, :, :prefix], scale, False),
+                partial_attention(q, keys[:, :, prefix:], values[:, :, prefix:], scale, causal=True)]
+
+    def _attend_memory(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary, start: int, length: int,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        memory, method = self.memory, self.method
+        store, position = memory.store, method.position
+        local_offset = start - memory.window_start  # the first query's index within the window
+        parts, selected, memory_tokens = [], None, 0
+        if store is not None and store.num_blocks:
+            q_memory = self._memory_query(q, q_true, rotary)
+            ids = self._select(q_memory, store, start + length)
+            keys, values = self._gather(store, ids)
+            memory_tokens = keys.shape[2]
+            if position is Position.COMPACTED:
+                keys = rotary.rotate(keys, memory.init_length)
+                q_memory = rotary.rotate(q, memory.init_length + memory_tokens + local_offset)
+            parts.append(partial_attention(q_memory, keys, values, scale, causal=False))
+            selected = ids.tolist()
+        if memory.init_length:
+            q_init = q_true if position is Position.TRUE else rotary.rotate(
+                q, memory.init_length + (memory_tokens if position is Position.COMPACTED else 0) + local_offset)
+            parts.append(partial_attention(q_init, memory.init_keys, memory.init_values, scale, causal=False))
+        window_keys, window_values = memory.window.span()
+        parts += self._window_parts(q_true, window_keys, window_values, length, scale)
+        attended = memory.init_length + memory_tokens + window_keys.shape[2]  # by the chunk's last query
+        self.telemetry.record(self.spec.index, length, attended, selected)
+        return merge(parts)
+
+    def _memory_query(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+        """The query as the memory part sees it (compacted positions are applied after selection,
+        so selection there compares position-free queries and keys)."""
+        if self.method.position is Position.TRUE:
+            return q_true
+        if self.method.position is Position.INFLLM:
+            return rotary.rotate_at(q, self.method.n_local)
+        return q
+
+    def _gather(self, store: BlockStore, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selected blocks' keys and values. Compacted positions need them in order; otherwise
+        positions are baked into the stored keys and order is free, so a working set of slots is
+        kept and only the blocks that changed since the last step are copied in."""
+        if self.method.position is Position.COMPACTED:
+            return store.gather(ids)
+        working = self._working
+        if working is None or working.slots.shape != ids.shape:
+            self._working = working = WorkingSet(ids.clone(), *store.gather(ids))
+            return working.keys, working.values
+        working.update(store, ids)
+        return working.keys, working.values
+
+    def _select(self, q_memory: torch.Tensor, store: BlockStore, length: int) -> torch.Tensor:
+        heads = self.spec.num_kv_heads
+        if store.num_blocks <= self.method.topk:
+            return torch.arange(store.num_blocks, device=q_memory.device).expand(heads, -1)
+        return self.method.select(q_memory, store, self.spec, length)
+
+    def _score_window(self, q_true: torch.Tensor, lse: torch.Tensor, start: int) -> None:
+        """Add the attention mass this chunk's queries gave the window tokens about to leave."""
+        memory, heads = self.memory, self.spec.num_kv_heads
+        zone = min(len(memory.window), memory.evictable() + memory.block_size)
+        if zone == 0:
+            return
+        keys, _ = memory.window.span(0, zone)
+        # Every `step`-th query of a long chunk is enough to rank tokens within their block.
+        step = max(1, q_true.shape[2] // _SCORING_QUERIES)
+        queries, lse = q_true[:, :, ::step], lse[:, :, ::step]
+        logits = torch.bmm(grouped_queries(queries, heads).float(), keys[0].float().transpose(1, 2)) * self.spec.scale
+        probs = torch.exp(logits - lse.reshape(heads, -1, 1))  # [Hkv, G*T', zone]
+        first = memory.window_start
+        if first + zone > start:  # tokens of this chunk: a query only counts keys it could see
+            q_pos = torch.arange(start, start + q_true.shape[2], step, device=probs.device)
+            q_pos = q_pos.repeat(probs.shape[1] // q_pos.shape[0])
+            k_pos = torch.arange(first, first + zone, device=probs.device)
+            probs = probs * (k_pos[None, :] <= q_pos[:, None])
+        memory.window.add_scores(probs.sum(dim=1) * step)
+
+    def _evict(self, rotary: Rotary) -> None:
+        memory, store = self.memory, self.memory.store
+        for _ in range(memory.evictable() // memory.block_size):
+            first, keys, values, scores = memory.pop_block()
+            if store is None:
+                continue
+            if self.method.position is not Position.TRUE:
+                keys = rotary.unrotate(keys, first)  # stored position-free; rotated when read
+            store.append(keys, values, self.method.summarize(keys, values, scores))
+
+    def nbytes(self) -> int:
+        return self.memory.nbytes()

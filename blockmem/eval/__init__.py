@@ -1,0 +1,1 @@
+"""Evaluation tasks (so far: passkey retrieval)."""

@@ -1,0 +1,289 @@
+"""Block-memory methods: equal to dense when their budget covers everything, deterministic, and
+each piece (summaries, selection, positions, eviction) against an explicit reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import blockmem
+from blockmem.attention import METHODS, create_method
+from blockmem.attention.base import LayerSpec
+from blockmem.attention.sparse import Position, SparseLayer, top_blocks
+from blockmem.attention.telemetry import Telemetry
+from blockmem.config import RopeConfig
+from blockmem.model.decoder import Logits
+from blockmem.model.rope import Rotary
+
+SPARSE = [name for name in METHODS if name != "dense"]
+SMALL = dict(n_init=4, n_local=16, block_size=8)  # evicts after 28 tokens: every test exercises blocks
+
+
+def run(model: blockmem.Model, method, ids: torch.Tensor, chunk: int, decode: int = 0) -> torch.Tensor:
+    """Logits for every position: prefill in `chunk`-token pieces, then the last `decode` ids one by one."""
+    engine = blockmem.Engine(model, method=method)
+    cache = engine.new_cache()
+    prompt = ids.shape[1] - decode
+    out = []
+    with torch.inference_mode():
+        for first in range(0, prompt, chunk):
+            out.append(model.decoder(ids[:, first:min(first + chunk, prompt)], cache, Logits.ALL))
+        for pos in range(prompt, ids.shape[1]):
+            out.append(model.decoder(ids[:, pos:pos + 1], cache, Logits.ALL))
+    return torch.cat(out, dim=1)
+
+
+def full_budget(name: str):
+    options = dict(SMALL)
+    if name != "streaming":
+        options.update(topk=1000, position="true")
+    else:
+        options.update(n_local=1000)  # streaming keeps nothing else: cover everything with the window
+    return create_method(name, **options)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("name", SPARSE)
+def test_full_budget_equals_dense(tiny, family: str, name: str) -> None:
+    model = blockmem.load(tiny.get(family)[0], device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 101), generator=torch.Generator().manual_seed(4))
+    dense = run(model, "dense", ids, chunk=101)
+    for chunk, decode in ((7, 10), (40, 3), (1, 0)):
+        got = run(model, full_budget(name), ids, chunk, decode)
+        assert (got - dense).abs().max().item() < 1e-4, (name, family, chunk)
+
+
+@pytest.mark.parametrize("name", ["streaming", "infllm"])
+def test_default_positions_equal_dense_while_nothing_leaves_the_window(tiny, name: str) -> None:
+    model = blockmem.load(tiny.get("llama")[0], device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 60), generator=torch.Generator().manual_seed(5))
+    method = create_method(name, n_init=4, n_local=64, block_size=8)
+    assert (run(model, method, ids, 9, 5) - run(model, "dense", ids, 60)).abs().max().item() < 1e-4
+
+
+def test_prompt_shorter_than_a_block(tiny) -> None:
+    model = blockmem.load(tiny.get("qwen3")[0], device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(6))
+    for name in SPARSE:
+        method = create_method(name, n_init=2, n_local=2, block_size=64)
+        assert (run(model, method, ids, 5) - run(model, "dense", ids, 5)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_selection_is_deterministic_and_bounded(tiny, name: str) -> None:
+    model = blockmem.load(tiny.get("llama")[0], device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 150), generator=torch.Generator().manual_seed(7))
+    options = dict(SMALL, **({"topk": 2} if name != "streaming" else {}))
+    if name in ("blocksparse", "nosa"):
+        options["switch_length"] = 0
+    runs = []
+    for _ in range(2):
+        engine = blockmem.Engine(model, method=create_method(name, **options))
+        cache = engine.new_cache()
+        cache.telemetry.steps = []
+        with torch.inference_mode():
+            for first in range(0, 140, 10):
+                model.decoder(ids[:, first:first + 10], cache, Logits.LAST)
+            logits = [model.decoder(ids[:, p:p + 1], cache, Logits.LAST) for p in range(140, 150)]
+        runs.append((torch.cat(logits), cache.telemetry.steps, cache.telemetry.summary()))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    method = create_method(name, **options)
+    summary = runs[0][2]
+    assert summary["decode"]["steps"] == 10
+    assert method.budget() <= summary["decode"]["tokens_attended"] <= method.max_attended()
+    if name != "streaming":
+        assert summary["decode"]["blocks_selected"] == 2
+        assert 0.0 <= summary["decode"]["locality"] <= 1.0
+
+
+def test_top_blocks_picks_best_sorted_and_breaks_ties_low() -> None:
+    scores = torch.tensor([[0.1, 5.0, 3.0, 5.0, -1.0], [9.0, 0.0, 0.0, 8.0, 7.0]])
+    assert top_blocks(scores, 2).tolist() == [[1, 3], [0, 3]]
+    assert top_blocks(torch.zeros(1, 4), 2).tolist() == [[0, 1]]
+
+
+def _layer(name: str, **options) -> tuple[SparseLayer, Rotary, LayerSpec]:
+    spec = LayerSpec(0, num_heads=4, num_kv_heads=2, head_dim=8, scale=8 ** -0.5, window=None)
+    method = create_method(name, **options)
+    return SparseLayer(method, spec, Telemetry(1), torch.device("cpu"), torch.float32), Rotary(RopeConfig(10000.0), 8), spec
+
+
+def _feed(layer: SparseLayer, rotary: Rotary, keys: torch.Tensor, values: torch.Tensor, chunk: int) -> None:
+    q = torch.zeros(1, 4, chunk, 8)
+    for first in range(0, keys.shape[2], chunk):
+        layer.attend(q[:, :, : min(chunk, keys.shape[2] - first)], keys[:, :, first:first + chunk],
+                     values[:, :, first:first + chunk], rotary, first)
+
+
+def test_eviction_keeps_window_and_summaries() -> None:
+    layer, rotary, _ = _layer("quest", n_init=4, n_local=16, block_size=8)
+    keys, values = torch.randn(1, 2, 61, 8), torch.randn(1, 2, 61, 8)
+    _feed(layer, rotary, keys, values, chunk=5)
+    memory = layer.memory
+    assert memory.length == 61 and memory.init_length == 4
+    assert 16 <= len(memory.window) < 16 + 8 and memory.store.num_blocks * 8 + len(memory.window) + 4 == 61
+    memory.store.check()
+    # quest stores true-position keys: block b holds positions 4 + 8b .. 4 + 8b + 7, rotated
+    first = rotary.rotate(keys[:, :, 4:12], 4)[0]
+    assert torch.allclose(memory.store.block_keys(0), first, atol=1e-6)
+    assert torch.allclose(memory.store.summary("kmin")[0], first.amin(dim=1), atol=1e-6)
+    assert torch.allclose(memory.store.summary("kmax")[0], first.amax(dim=1), atol=1e-6)
+
+
+def test_infllm_stores_position_free_keys_and_representatives() -> None:
+    layer, rotary, _ = _layer("infllm", n_init=4, n_local=16, block_size=8, repr_keys=2)
+    keys, values = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    _feed(layer, rotary, keys, values, chunk=8)
+    store = layer.memory.store
+    assert torch.allclose(store.block_keys(0), keys[0, :, 4:12], atol=1e-5)  # unrotated: read at a fixed distance
+    reps = store.summary("repr")[0]  # mean of two of the block's keys per head
+    for head in range(2):
+        candidates = keys[0, head, 4:12]
+        pair_means = [(candidates[i] + candidates[j]) / 2 for i in range(8) for j in range(i + 1, 8)]
+        assert min((reps[head] - m).abs().max().item() for m in pair_means) < 1e-5
+
+
+def test_quest_bound_is_an_upper_bound() -> None:
+    layer, rotary, spec = _layer("quest", n_init=0, n_local=8, block_size=8, topk=1)
+    keys = torch.randn(1, 2, 48, 8)
+    _feed(layer, rotary, keys, torch.randn(1, 2, 48, 8), chunk=8)
+    store = layer.memory.store
+    q = torch.randn(1, 4, 1, 8)
+    method = layer.method
+    rows = q.reshape(2, 2, 8)
+    bound = torch.einsum("hd,nhd->hn", rows.clamp(min=0).sum(1), store.summary("kmax")) + \
+        torch.einsum("hd,nhd->hn", rows.clamp(max=0).sum(1), store.summary("kmin"))
+    actual = torch.einsum("hgd,hntd->hnt", rows, store.keys[:, : store.num_blocks]).amax(-1)  # exact per key, summed q
+    assert (bound >= actual - 1e-5).all()
+    assert method.select(q, store, spec, 48).shape == (2, 1)
+
+
+@pytest.mark.parametrize("name", ["infllm", "blocksparse", "nosa", "quest"])
+def test_methods_find_the_matching_block(name: str) -> None:
+    """One block's keys point along the query; every method must select that block."""
+    options = dict(n_init=0, n_local=8, block_size=8, topk=1)
+    if name in ("blocksparse", "nosa"):
+        options.update(switch_length=0, pool_kernel=4, pool_stride=4)
+    if name == "nosa":
+        options.update(agnostic_fraction=0.0)
+    layer, rotary, spec = _layer(name, **options)
+    direction = torch.randn(8)
+    keys = torch.randn(1, 2, 64, 8) * 0.1
+    keys[:, :, 24:32] = direction * 3  # block 3 (positions 24..31)
+    _feed(layer, rotary, keys, torch.randn(1, 2, 64, 8), chunk=8)
+    q = direction.expand(1, 4, 1, 8)
+    q_memory = layer._memory_query(q, rotary.rotate(q, 64), rotary)
+    if name != "infllm":  # true positions: compare against a query at the stored keys' rotation
+        q_memory = rotary.rotate(q, 28)
+    selected = layer.method.select(q_memory, layer.memory.store, spec, 64)
+    assert selected.tolist() == [[3], [3]]
+
+
+def test_per_head_selection_differs_between_kv_heads() -> None:
+    layer, rotary, spec = _layer("infllm", n_init=0, n_local=8, block_size=8, topk=1, per_head=True)
+    a, b = torch.randn(8), torch.randn(8)
+    keys = torch.randn(1, 2, 48, 8) * 0.05
+    keys[:, 0, 8:16], keys[:, 1, 32:40] = a * 3, b * 3
+    _feed(layer, rotary, keys, torch.randn(1, 2, 48, 8), chunk=8)
+    q = torch.stack([a, a, b, b]).reshape(1, 4, 1, 8)  # query heads 0-1 share KV head 0, 2-3 KV head 1
+    assert layer.method.select(q, layer.memory.store, spec, 48).tolist() == [[1], [4]]
+
+
+def test_infllm_reads_memory_at_a_fixed_distance() -> None:
+    """With everything selected, infllm's output equals attention where every memory token sits
+    n_local positions before the query and sinks/window keep compacted local positions."""
+    n_init, n_local, block = 2, 8, 4
+    layer, rotary, _ = _layer("infllm", n_init=n_init, n_local=n_local, block_size=block, topk=100)
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(1, 2, 31, 8, generator=g), torch.randn(1, 2, 31, 8, generator=g)
+    q = torch.randn(1, 4, 1, 8, generator=g)
+    _feed(layer, rotary, keys[:, :, :30], values[:, :, :30], chunk=1)
+    out = layer.attend(q, keys[:, :, 30:], values[:, :, 30:], rotary, 30)
+    memory = layer.memory
+    start, blocks_end = memory.window_start, memory.init_length + memory.store.num_blocks * block
+    assert start == blocks_end
+    # reference: local positions -- sinks 0..n_init-1, window n_init.., query last; memory at distance n_local
+    local_q_pos = n_init + (30 - start)
+    parts_k = [rotary.rotate(keys[:, :, :n_init], 0), keys[:, :, n_init:start],
+               rotary.rotate(keys[:, :, start:31], n_init)]
+    q_local, q_mem = rotary.rotate(q, local_q_pos), rotary.rotate_at(q, n_local)
+    logits = []
+    for qq, kk in ((q_local, parts_k[0]), (q_mem, parts_k[1]), (q_local, parts_k[2])):
+        logits.append((qq.reshape(2, 2, 8) @ kk[0].transpose(1, 2)) * 8 ** -0.5)
+    weights = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
+    expected = weights @ values[0, :, :31]
+    assert torch.allclose(out.reshape(2, 2, 8), expected, atol=1e-5)
+
+
+def test_streaming_compacts_positions() -> None:
+    n_init, n_local, block = 2, 8, 4
+    layer, rotary, _ = _layer("streaming", n_init=n_init, n_local=n_local, block_size=block)
+    g = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(1, 2, 25, 8, generator=g), torch.randn(1, 2, 25, 8, generator=g)
+    q = torch.randn(1, 4, 1, 8, generator=g)
+    _feed(layer, rotary, keys[:, :, :24], values[:, :, :24], chunk=3)
+    out = layer.attend(q, keys[:, :, 24:], values[:, :, 24:], rotary, 24)
+    start = layer.memory.window_start
+    kept = torch.cat([keys[:, :, :n_init], keys[:, :, start:25]], dim=2)  # sinks then window, contiguous
+    kept_v = torch.cat([values[:, :, :n_init], values[:, :, start:25]], dim=2)
+    rotated = rotary.rotate(kept, 0)
+    q_rot = rotary.rotate(q, kept.shape[2] - 1)
+    weights = torch.softmax((q_rot.reshape(2, 2, 8) @ rotated[0].transpose(1, 2)) * 8 ** -0.5, dim=-1)
+    assert torch.allclose(out.reshape(2, 2, 8), weights @ kept_v[0], atol=1e-5)
+    assert layer.memory.store is None and layer.memory.evicted == start - n_init
+
+
+def test_window_scores_are_attention_mass() -> None:
+    layer, rotary, _ = _layer("infllm", n_init=0, n_local=64, block_size=8)
+    keys, values = torch.randn(1, 2, 70, 8), torch.randn(1, 2, 70, 8)
+    _feed(layer, rotary, keys[:, :, :69], values[:, :, :69], chunk=69)
+    before = layer.memory.window.scores[:, :16].clone()
+    q = torch.randn(1, 4, 1, 8)
+    layer.attend(q, keys[:, :, 69:], values[:, :, 69:], rotary, 69)
+    gained = layer.memory.window.scores[:, :16] - before  # 70 - 64 = 6 tokens over n_local: zone of 8
+    rotated = rotary.rotate(keys[:, :, :70], 0)
+    probs = torch.softmax((rotary.rotate(q, 69).reshape(2, 2, 8) @ rotated[0].transpose(1, 2)) * 8 ** -0.5, -1)
+    assert torch.allclose(gained[:, :8], probs.sum(dim=1)[:, :8], atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [dict(name="infllm", repr_keys=0), dict(name="nosa", agnostic_fraction=2),
+                                 dict(name="nosa", importance="vibes"), dict(name="quest", block_size=0),
+                                 dict(name="infllm", position="sideways"), dict(name="quest", repr_keys=2),
+                                 dict(name="blocksparse", pool_kernel=500)])
+def test_bad_options_are_refused(bad) -> None:
+    from blockmem.errors import ConfigError
+
+    options = dict(bad)
+    with pytest.raises(ConfigError):
+        create_method(options.pop("name"), **options)
+
+
+def test_sparse_methods_accept_prompts_past_the_window(tiny) -> None:
+    model = blockmem.load(tiny.get("llama")[0], device="cpu")
+    limit = model.config.max_context
+    out = blockmem.Engine(model, method=create_method("infllm", **SMALL)).generate(
+        prompt_ids=[5, 6, 7] * limit, max_new_tokens=3, ignore_eos=True)
+    assert out.stats.prompt_tokens == 3 * limit and len(out.token_ids) == 3
+    assert out.method["method"] == "infllm" and out.method["telemetry"]["decode"]["steps"] == 2
+
+
+def test_working_set_holds_exactly_the_selected_blocks() -> None:
+    from blockmem.attention.sparse import WorkingSet
+    from blockmem.memory.store import BlockStore
+
+    store = BlockStore(kv_heads=2, block_size=4, head_dim=3, device=torch.device("cpu"), dtype=torch.float32)
+    for b in range(10):
+        store.append(torch.full((2, 4, 3), float(b)) + torch.arange(2.0)[:, None, None] / 10, torch.full((2, 4, 3), -b),
+                     {})
+    ids = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    working = WorkingSet(ids.clone(), *store.gather(ids))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.stack([torch.randperm(10, generator=g)[:3].sort().values for _ in range(2)])
+        working.update(store, ids)
+        for head in range(2):
+            held = working.keys[0, head].view(3, 4, 3)[:, 0, 0].round().long().tolist()
+            assert sorted(held) == ids[head].tolist() == sorted(working.slots[head].tolist())
+            assert torch.equal(working.values[0, head].view(3, 4, 3)[:, 0, 0], -working.slots[head].float())
