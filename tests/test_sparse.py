@@ -36,7 +36,7 @@ def run(model: blockmem.Model, method, ids: torch.Tensor, chunk: int, decode: in
 
 
 def full_budget(name: str):
-    options = dict(SMALL)
+    options = dict(SMALL, exec_size=32)  # long chunks are split into execution pieces
     if name != "streaming":
         options.update(topk=1000, position="true")
     else:
@@ -50,7 +50,7 @@ def test_full_budget_equals_dense(tiny, family: str, name: str) -> None:
     model = blockmem.load(tiny.get(family)[0], device="cpu")
     ids = torch.randint(0, model.config.vocab_size, (1, 101), generator=torch.Generator().manual_seed(4))
     dense = run(model, "dense", ids, chunk=101)
-    for chunk, decode in ((7, 10), (40, 3), (1, 0)):
+    for chunk, decode in ((7, 10), (40, 3), (1, 0), (101, 0)):
         got = run(model, full_budget(name), ids, chunk, decode)
         assert (got - dense).abs().max().item() < 1e-4, (name, family, chunk)
 
@@ -193,7 +193,8 @@ def test_per_head_selection_differs_between_kv_heads() -> None:
 
 def test_infllm_reads_memory_at_a_fixed_distance() -> None:
     """With everything selected, infllm's output equals attention where every memory token sits
-    n_local positions before the query and sinks/window keep compacted local positions."""
+    n_local positions before the query, sink j at n_local - j (as InfLLM reads sinks with its
+    memory), and the window at true relative distances."""
     n_init, n_local, block = 2, 8, 4
     layer, rotary, _ = _layer("infllm", n_init=n_init, n_local=n_local, block_size=block, topk=100)
     g = torch.Generator().manual_seed(0)
@@ -204,13 +205,11 @@ def test_infllm_reads_memory_at_a_fixed_distance() -> None:
     memory = layer.memory
     start, blocks_end = memory.window_start, memory.init_length + memory.store.num_blocks * block
     assert start == blocks_end
-    # reference: local positions -- sinks 0..n_init-1, window n_init.., query last; memory at distance n_local
-    local_q_pos = n_init + (30 - start)
-    parts_k = [rotary.rotate(keys[:, :, :n_init], 0), keys[:, :, n_init:start],
-               rotary.rotate(keys[:, :, start:31], n_init)]
-    q_local, q_mem = rotary.rotate(q, local_q_pos), rotary.rotate_at(q, n_local)
+    # reference: sinks at 0..n_init-1 and memory at 0, read from a query at n_local; window at true positions
+    parts_k = [rotary.rotate(keys[:, :, :n_init], 0), keys[:, :, n_init:start], rotary.rotate(keys[:, :, start:31], start)]
+    q_true, q_mem = rotary.rotate(q, 30), rotary.rotate_at(q, n_local)
     logits = []
-    for qq, kk in ((q_local, parts_k[0]), (q_mem, parts_k[1]), (q_local, parts_k[2])):
+    for qq, kk in ((q_mem, parts_k[0]), (q_mem, parts_k[1]), (q_true, parts_k[2])):
         logits.append((qq.reshape(2, 2, 8) @ kk[0].transpose(1, 2)) * 8 ** -0.5)
     weights = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
     expected = weights @ values[0, :, :31]

@@ -49,6 +49,7 @@ class SparseMethod(AttentionMethod):
     block_size: int = 128
     topk: int = 16
     position: Position | str = Position.TRUE
+    exec_size: int = 512  # queries that share one selection (InfLLM's execution block)
     keeps_blocks: ClassVar[bool] = True  # False: evicted tokens are dropped (StreamingLLM)
     needs_scores: ClassVar[bool] = False  # True: track the attention mass window tokens receive
 
@@ -57,7 +58,7 @@ class SparseMethod(AttentionMethod):
             object.__setattr__(self, "position", Position(self.position))
         except ValueError:
             raise ConfigError(f"unknown position policy {self.position!r}", "use true, infllm or compacted") from None
-        for name in ("n_local", "block_size"):
+        for name in ("n_local", "block_size", "exec_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.name}: {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.n_init < 0 or self.topk < 0:
@@ -148,6 +149,15 @@ class SparseLayer(LayerCache):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary, start: int) -> torch.Tensor:
         if q.shape[0] != 1:
             raise ConfigError(f"the {self.method.name} method serves one sequence at a time (batch size 1)")
+        size = self.method.exec_size
+        if q.shape[2] <= size:
+            return self._attend_piece(q, k, v, rotary, start)
+        # Long chunks go in pieces: each piece selects its own blocks, as queries far apart want
+        # different memory (a question at the end of a chunk of filler, say).
+        return torch.cat([self._attend_piece(q[:, :, i:i + size], k[:, :, i:i + size], v[:, :, i:i + size], rotary,
+                                             start + i) for i in range(0, q.shape[2], size)], dim=2)
+
+    def _attend_piece(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary, start: int) -> torch.Tensor:
         memory, scale, length = self.memory, self.spec.scale, q.shape[2]
         q_true = rotary.rotate(q, start)
         memory.append(rotary.rotate(k, start), v)
@@ -188,14 +198,24 @@ class SparseLayer(LayerCache):
             parts.append(partial_attention(q_memory, keys, values, scale, causal=False))
             selected = ids.tolist()
         if memory.init_length:
-            q_init = q_true if position is Position.TRUE else rotary.rotate(
-                q, memory.init_length + (memory_tokens if position is Position.COMPACTED else 0) + local_offset)
-            parts.append(partial_attention(q_init, memory.init_keys, memory.init_values, scale, causal=False))
+            parts.append(partial_attention(self._init_query(q, q_true, rotary, memory_tokens + local_offset),
+                                           memory.init_keys, memory.init_values, scale, causal=False))
         window_keys, window_values = memory.window.span()
         parts += self._window_parts(q_true, window_keys, window_values, length, scale)
         attended = memory.init_length + memory_tokens + window_keys.shape[2]  # by the chunk's last query
         self.telemetry.record(self.spec.index, length, attended, selected)
         return merge(parts)
+
+    def _init_query(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary, offset: int) -> torch.Tensor:
+        """The query as the sinks see them. InfLLM reads sinks with the memory, at distance n_local
+        (sink j, stored at position j, is read from n_local + j... close to n_local for small j);
+        compacted puts the query `offset` tokens after the sinks (selected blocks + window so far)."""
+        position = self.method.position
+        if position is Position.TRUE:
+            return q_true
+        if position is Position.INFLLM:
+            return rotary.rotate_at(q, self.method.n_local)
+        return rotary.rotate(q, self.memory.init_length + offset)
 
     def _memory_query(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary) -> torch.Tensor:
         """The query as the memory part sees it (compacted positions are applied after selection,
