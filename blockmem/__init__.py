@@ -6,6 +6,7 @@
     print(engine.generate("What is the capital of France?").text)
 """
 
+from blockmem.attention import create_method
 from blockmem.engine import Completion, Engine, SamplingParams, Stats, Stream
 from blockmem.errors import BlockmemError, ConfigError, ContextLengthError, ModelError
 from blockmem.model.loader import Model, load
@@ -13,4 +14,4 @@ from blockmem.model.loader import Model, load
 __version__ = "0.1.0"
 
 __all__ = ["BlockmemError", "Completion", "ConfigError", "ContextLengthError", "Engine", "Model", "ModelError",
-           "SamplingParams", "Stats", "Stream", "load"]
+           "SamplingParams", "Stats", "Stream", "create_method", "load"]

@@ -48,3 +48,28 @@ def test_default_model_answers_paris() -> None:
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "decode" in result.stderr and "peak RSS" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["streaming", "infllm", "blocksparse", "nosa", "quest"])
+def test_smollm2_sparse_with_full_budget_equals_dense(smollm2, name: str) -> None:
+    """A few thousand tokens, chunked prefill and decode: blocks leave the window, and with a
+    budget covering every block each method must give dense's logits."""
+    from blockmem.attention import create_method
+    from test_sparse import run
+
+    ids = torch.tensor([smollm2.tokenizer.encode(PROSE * 30)])[:, :2600]
+    options = dict(n_init=64, n_local=512, block_size=64, exec_size=256)
+    options.update(n_local=4096) if name == "streaming" else options.update(topk=1000, position="true")
+    dense = run(smollm2, "dense", ids, chunk=1024, decode=4)
+    sparse = run(smollm2, create_method(name, **options), ids, chunk=1024, decode=4)
+    assert (sparse - dense).abs().max().item() < 1e-4
+
+
+def test_smollm2_infllm_finds_a_passkey_past_its_window(smollm2) -> None:
+    from blockmem.attention import create_method
+    from blockmem.eval.passkey import make_trial
+
+    trial = make_trial(smollm2.tokenizer, 12 * 1024, 0, seed=1)
+    assert trial.tokens > smollm2.config.max_context
+    out = blockmem.Engine(smollm2, method=create_method("infllm")).generate(trial.prompt, raw=True, max_new_tokens=8)
+    assert trial.score(out.text), (out.text, trial.key)

@@ -174,7 +174,7 @@ def test_methods_find_the_matching_block(name: str) -> None:
     keys[:, :, 24:32] = direction * 3  # block 3 (positions 24..31)
     _feed(layer, rotary, keys, torch.randn(1, 2, 64, 8), chunk=8)
     q = direction.expand(1, 4, 1, 8)
-    q_memory = layer._memory_query(q, rotary.rotate(q, 64), rotary)
+    q_memory = layer._far_query(q, rotary.rotate(q, 64), rotary, 0)
     if name != "infllm":  # true positions: compare against a query at the stored keys' rotation
         q_memory = rotary.rotate(q, 28)
     selected = layer.method.select(q_memory, layer.memory.store, spec, 64)
@@ -268,7 +268,8 @@ def test_sparse_methods_accept_prompts_past_the_window(tiny) -> None:
     assert out.method["method"] == "infllm" and out.method["telemetry"]["decode"]["steps"] == 2
 
 
-def test_working_set_holds_exactly_the_selected_blocks() -> None:
+@pytest.mark.parametrize("prefix", [0, 3])
+def test_working_set_holds_exactly_the_selected_blocks(prefix: int) -> None:
     from blockmem.attention.sparse import WorkingSet
     from blockmem.memory.store import BlockStore
 
@@ -277,12 +278,15 @@ def test_working_set_holds_exactly_the_selected_blocks() -> None:
         store.append(torch.full((2, 4, 3), float(b)) + torch.arange(2.0)[:, None, None] / 10, torch.full((2, 4, 3), -b),
                      {})
     ids = torch.tensor([[0, 1, 2], [3, 4, 5]])
-    working = WorkingSet(ids.clone(), *store.gather(ids))
+    sinks = torch.full((1, 2, prefix, 3), 99.0)
+    keys, values = store.gather(ids)
+    working = WorkingSet(ids.clone(), torch.cat([sinks, keys], 2), torch.cat([sinks, values], 2), prefix)
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         ids = torch.stack([torch.randperm(10, generator=g)[:3].sort().values for _ in range(2)])
         working.update(store, ids)
         for head in range(2):
-            held = working.keys[0, head].view(3, 4, 3)[:, 0, 0].round().long().tolist()
+            held = working.keys[0, head, prefix:].view(3, 4, 3)[:, 0, 0].round().long().tolist()
             assert sorted(held) == ids[head].tolist() == sorted(working.slots[head].tolist())
-            assert torch.equal(working.values[0, head].view(3, 4, 3)[:, 0, 0], -working.slots[head].float())
+            assert torch.equal(working.values[0, head, prefix:].view(3, 4, 3)[:, 0, 0], -working.slots[head].float())
+            assert (working.keys[0, head, :prefix] == 99).all()  # the sinks are never overwritten

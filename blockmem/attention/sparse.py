@@ -113,11 +113,12 @@ def grouped_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 class WorkingSet:
-    """Selected blocks held in slots: keys, values [1, Hkv, k * block, D]; slots [Hkv, k] the block
-    id in each slot. A new selection overwrites only the slots of blocks no longer selected."""
+    """Selected blocks held in slots after a fixed prefix (the sinks): keys, values
+    [1, Hkv, prefix + k * block, D]; slots [Hkv, k] the block id in each slot. A new selection
+    overwrites only the slots of blocks no longer selected."""
 
-    def __init__(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.slots, self.keys, self.values = slots, keys, values
+    def __init__(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix: int = 0) -> None:
+        self.slots, self.keys, self.values, self.prefix = slots, keys, values, prefix
 
     def update(self, store: BlockStore, ids: torch.Tensor) -> None:
         heads, k = ids.shape
@@ -133,7 +134,7 @@ class WorkingSet:
             slot_index = torch.tensor(free, device=ids.device)
             block_index = torch.tensor(added, device=ids.device)
             for target, pool in ((self.keys, store.keys), (self.values, store.values)):
-                view = target[0, head].view(k, store.block_size, store.head_dim)
+                view = target[0, head, self.prefix:].view(k, store.block_size, store.head_dim)
                 view[slot_index] = pool[head].index_select(0, block_index)
             self.slots[head, slot_index] = block_index
 
@@ -183,33 +184,33 @@ class SparseLayer(LayerCache):
 
     def _attend_memory(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary, start: int, length: int,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        memory, method = self.memory, self.method
-        store, position = memory.store, method.position
-        local_offset = start - memory.window_start  # the first query's index within the window
-        parts, selected, memory_tokens = [], None, 0
-        if store is not None and store.num_blocks:
-            q_memory = self._memory_query(q, q_true, rotary)
-            ids = self._select(q_memory, store, start + length)
-            keys, values = self._gather(store, ids)
-            memory_tokens = keys.shape[2]
-            if position is Position.COMPACTED:
-                keys = rotary.rotate(keys, memory.init_length)
-                q_memory = rotary.rotate(q, memory.init_length + memory_tokens + local_offset)
-            parts.append(partial_attention(q_memory, keys, values, scale, causal=False))
-            selected = ids.tolist()
-        if memory.init_length:
-            parts.append(partial_attention(self._init_query(q, q_true, rotary, memory_tokens + local_offset),
-                                           memory.init_keys, memory.init_values, scale, causal=False))
+        """Sinks and selected blocks as one part (every policy reads them with the same query
+        rotation), then the window before the piece and the piece itself."""
+        memory = self.memory
+        far_keys, far_values, selected = self._far(q, q_true, rotary, start + length)
+        offset = far_keys.shape[2] - memory.init_length + start - memory.window_start  # blocks + window so far
+        parts = [partial_attention(self._far_query(q, q_true, rotary, offset), far_keys, far_values, scale, False)]
         window_keys, window_values = memory.window.span()
         parts += self._window_parts(q_true, window_keys, window_values, length, scale)
-        attended = memory.init_length + memory_tokens + window_keys.shape[2]  # by the chunk's last query
-        self.telemetry.record(self.spec.index, length, attended, selected)
+        self.telemetry.record(self.spec.index, length, far_keys.shape[2] + window_keys.shape[2], selected)
         return merge(parts)
 
-    def _init_query(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary, offset: int) -> torch.Tensor:
-        """The query as the sinks see them. InfLLM reads sinks with the memory, at distance n_local
-        (sink j, stored at position j, is read from n_local + j... close to n_local for small j);
-        compacted puts the query `offset` tokens after the sinks (selected blocks + window so far)."""
+    def _far(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary,
+             length: int) -> tuple[torch.Tensor, torch.Tensor, list[list[int]] | None]:
+        """Keys and values of the sinks followed by the selected blocks, and the selection."""
+        memory, store = self.memory, self.memory.store
+        if store is None or not store.num_blocks:
+            return memory.init_keys, memory.init_values, None
+        query = q if self.method.position is Position.COMPACTED else self._far_query(q, q_true, rotary, 0)
+        ids = self._select(query, store, length)
+        keys, values = self._gather(store, ids, rotary)
+        return keys, values, ids.tolist()
+
+    def _far_query(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary, offset: int) -> torch.Tensor:
+        """The query as sinks and blocks see it. true: its true position. infllm: n_local, so every
+        block token (stored position-free) sits n_local before it and sink j at n_local - j, as
+        InfLLM reads its sinks with its memory. compacted: `offset` (selected blocks + window so
+        far) after the sinks. Selection under compacted compares position-free queries and keys."""
         position = self.method.position
         if position is Position.TRUE:
             return q_true
@@ -217,26 +218,22 @@ class SparseLayer(LayerCache):
             return rotary.rotate_at(q, self.method.n_local)
         return rotary.rotate(q, self.memory.init_length + offset)
 
-    def _memory_query(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-        """The query as the memory part sees it (compacted positions are applied after selection,
-        so selection there compares position-free queries and keys)."""
-        if self.method.position is Position.TRUE:
-            return q_true
-        if self.method.position is Position.INFLLM:
-            return rotary.rotate_at(q, self.method.n_local)
-        return q
-
-    def _gather(self, store: BlockStore, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The selected blocks' keys and values. Compacted positions need them in order; otherwise
-        positions are baked into the stored keys and order is free, so a working set of slots is
-        kept and only the blocks that changed since the last step are copied in."""
+    def _gather(self, store: BlockStore, ids: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sinks then the selected blocks. Compacted positions need the blocks in order, rotated
+        right after the sinks; otherwise positions are baked into the stored keys and order is
+        free, so a working set of slots is kept and only blocks that changed are copied in."""
+        memory = self.memory
         if self.method.position is Position.COMPACTED:
-            return store.gather(ids)
+            keys, values = store.gather(ids)
+            keys = rotary.rotate(keys, memory.init_length)
+            return torch.cat([memory.init_keys, keys], dim=2), torch.cat([memory.init_values, values], dim=2)
         working = self._working
         if working is None or working.slots.shape != ids.shape:
-            self._working = working = WorkingSet(ids.clone(), *store.gather(ids))
-            return working.keys, working.values
-        working.update(store, ids)
+            keys, values = store.gather(ids)
+            self._working = working = WorkingSet(ids.clone(), torch.cat([memory.init_keys, keys], dim=2),
+                                                 torch.cat([memory.init_values, values], dim=2), memory.init_length)
+        else:
+            working.update(store, ids)
         return working.keys, working.values
 
     def _select(self, q_memory: torch.Tensor, store: BlockStore, length: int) -> torch.Tensor:
