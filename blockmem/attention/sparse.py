@@ -187,24 +187,26 @@ class SparseLayer(LayerCache):
         """Sinks and selected blocks as one part (every policy reads them with the same query
         rotation), then the window before the piece and the piece itself."""
         memory = self.memory
-        far_keys, far_values, selected = self._far(q, q_true, rotary, start + length)
-        offset = far_keys.shape[2] - memory.init_length + start - memory.window_start  # blocks + window so far
-        parts = [partial_attention(self._far_query(q, q_true, rotary, offset), far_keys, far_values, scale, False)]
+        q_far = None if self.method.position is Position.COMPACTED else self._far_query(q, q_true, rotary, 0)
+        far_keys, far_values, selected = self._far(q if q_far is None else q_far, rotary, start + length)
+        if q_far is None:  # compacted: the query sits after the selected blocks and the window so far
+            q_far = self._far_query(q, q_true, rotary, far_keys.shape[2] - memory.init_length + start - memory.window_start)
+        parts = [partial_attention(q_far, far_keys, far_values, scale, False)]
         window_keys, window_values = memory.window.span()
         parts += self._window_parts(q_true, window_keys, window_values, length, scale)
         self.telemetry.record(self.spec.index, length, far_keys.shape[2] + window_keys.shape[2], selected)
         return merge(parts)
 
-    def _far(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary,
-             length: int) -> tuple[torch.Tensor, torch.Tensor, list[list[int]] | None]:
-        """Keys and values of the sinks followed by the selected blocks, and the selection."""
+    def _far(self, query: torch.Tensor, rotary: Rotary,
+             length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys and values of the sinks followed by the selected blocks, and the selection [Hkv, k].
+        `query` is the query blocks are scored with (position-free under compacted)."""
         memory, store = self.memory, self.memory.store
         if store is None or not store.num_blocks:
             return memory.init_keys, memory.init_values, None
-        query = q if self.method.position is Position.COMPACTED else self._far_query(q, q_true, rotary, 0)
         ids = self._select(query, store, length)
         keys, values = self._gather(store, ids, rotary)
-        return keys, values, ids.tolist()
+        return keys, values, ids
 
     def _far_query(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary, offset: int) -> torch.Tensor:
         """The query as sinks and blocks see it. true: its true position. infllm: n_local, so every

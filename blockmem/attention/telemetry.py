@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 
 @dataclass
 class _Phase:
@@ -32,7 +34,7 @@ class _Phase:
 class _Layer:
     prefill: _Phase = field(default_factory=_Phase)
     decode: _Phase = field(default_factory=_Phase)
-    previous: frozenset[tuple[int, int]] | None = None
+    previous: torch.Tensor | None = None  # [Hkv, k] block ids selected at the previous step
 
 
 class Telemetry:
@@ -40,21 +42,24 @@ class Telemetry:
         self.layers = [_Layer() for _ in range(layers)]
         self.steps: list[dict[str, Any]] | None = [] if keep_steps else None
 
-    def record(self, layer: int, queries: int, tokens_attended: int, selected: list[list[int]] | None) -> None:
-        """`selected`: per KV head, the block ids read (None when no blocks exist yet)."""
+    def record(self, layer: int, queries: int, tokens_attended: int, selected: torch.Tensor | None) -> None:
+        """`selected`: [Hkv, k] block ids read per KV head (None when no blocks exist yet)."""
         state = self.layers[layer]
         phase = state.decode if queries == 1 else state.prefill
         phase.steps += 1
         phase.tokens += tokens_attended
-        pairs = frozenset((h, b) for h, ids in enumerate(selected or []) for b in ids)
-        phase.blocks += len(pairs) // max(1, len(selected or [1]))
-        if pairs and state.previous:
-            phase.locality_sum += len(pairs & state.previous) / len(pairs)
-            phase.locality_steps += 1
-        state.previous = pairs or None
+        if selected is not None and selected.numel():
+            phase.blocks += selected.shape[1]
+            previous = state.previous
+            if previous is not None and previous.shape[0] == selected.shape[0]:
+                # per head: which of this step's blocks that head also read last step
+                kept = (selected[:, :, None] == previous[:, None, :]).any(dim=-1)
+                phase.locality_sum += float(kept.float().mean())
+                phase.locality_steps += 1
+        state.previous = selected
         if self.steps is not None:
             self.steps.append({"layer": layer, "queries": queries, "tokens_attended": tokens_attended,
-                               "blocks": [list(ids) for ids in selected or []]})
+                               "blocks": selected.tolist() if selected is not None else []})
 
     def summary(self) -> dict[str, Any]:
         """Means over layers for decode and prefill, plus per-layer decode figures."""

@@ -1,0 +1,45 @@
+"""The passkey generator: sized in the model's tokens, one needle, reproducible, scored strictly."""
+
+from __future__ import annotations
+
+import pytest
+
+from blockmem.eval.passkey import FILLER, make_trial, parse_length
+
+
+@pytest.mark.parametrize("length", [300, 1000, 2500])
+def test_length_needle_and_determinism(tiny_llama, length: int) -> None:
+    tok = tiny_llama.tokenizer
+    unit = len(tok.encode(FILLER, special=False))  # filler comes in whole units
+    trials = [make_trial(tok, length, i, seed=3) for i in range(5)]
+    for trial in trials:
+        assert length - unit - 2 <= trial.tokens <= length  # filled to the target, never past it
+        assert trial.tokens == len(tok.encode(trial.prompt))
+        assert trial.prompt.count(trial.key) == 2  # the needle sentence states it twice, once
+        assert trial.prompt.count("The pass key is") == 2  # needle + question
+        assert len(trial.key) == 5 and 0.0 <= trial.depth <= 1.0
+    assert trials == [make_trial(tok, length, i, seed=3) for i in range(5)]
+    assert [t.key for t in trials] != [make_trial(tok, length, i, seed=4).key for i in range(5)]
+    assert len({t.key for t in trials}) > 1 and len({round(t.depth, 3) for t in trials}) > 1
+
+
+def test_needle_depth_is_respected(tiny_llama) -> None:
+    tok = tiny_llama.tokenizer
+    for i in range(8):
+        trial = make_trial(tok, 2000, i)
+        where = trial.prompt.index(trial.key) / len(trial.prompt)
+        assert abs(where - trial.depth) < 0.1
+
+
+def test_scoring_takes_the_first_number_only() -> None:
+    from blockmem.eval.passkey import Trial
+
+    trial = Trial(100, 0, "12345", 0.5, "", 100)
+    assert trial.score(" 12345.") and trial.score("The pass key is 12345")
+    assert not trial.score(" 1234") and not trial.score(" 123456") and not trial.score(" 99999 12345")
+    assert not trial.score(" the pass key")
+
+
+def test_parse_length() -> None:
+    assert parse_length("4k") == 4096 and parse_length("32K") == 32768 and parse_length("1000") == 1000
+    assert parse_length("0.5k") == 512
