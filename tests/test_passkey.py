@@ -43,3 +43,18 @@ def test_scoring_takes_the_first_number_only() -> None:
 def test_parse_length() -> None:
     assert parse_length("4k") == 4096 and parse_length("32K") == 32768 and parse_length("1000") == 1000
     assert parse_length("0.5k") == 512
+
+
+def test_prose_haystack(tiny_llama) -> None:
+    from blockmem.eval.passkey import prose_verses
+
+    tok = tiny_llama.tokenizer
+    trials = [make_trial(tok, 1500, i, haystack="prose") for i in range(4)]
+    for trial in trials:
+        assert 1500 - 120 <= trial.tokens <= 1500  # within about one verse
+        assert trial.prompt.count(trial.key) == 2 and FILLER not in trial.prompt
+    verses = prose_verses()
+    assert len(verses) > 30000 and verses[0].startswith("In the beginning")
+    starts = {next(v for v in verses if v in t.prompt) for t in trials}
+    assert len(starts) > 1  # different trials read different passages
+    assert trials == [make_trial(tok, 1500, i, haystack="prose") for i in range(4)]

