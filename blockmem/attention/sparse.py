@@ -1,12 +1,12 @@
 """What every block-memory method shares: the attend step over sinks, selected blocks and window.
 
-Each query chunk attends up to four parts, each with the query rotated for that part, merged
-exactly by log-sum-exp:
-    sinks    [0, n_init)            query at its compacted local position (or its true one)
-    blocks   top-k by the method    per position policy: true positions, or memory at a fixed
-                                    distance n_local (InfLLM), or renumbered contiguously
-    window   [window_start, length) true positions (relative distances are exact)
-    (the chunk's own keys are the window's tail, read causally)
+Queries go in execution pieces of at most `exec_size`; each piece attends up to three parts,
+each with the query rotated for that part, merged exactly by log-sum-exp:
+    sinks + top-k blocks   one part: every position policy reads both with the same query
+                           rotation (true positions; infllm: memory at a fixed distance n_local,
+                           sink j at n_local - j; compacted: renumbered after the sinks)
+    window before piece    true positions, no mask (relative distances are exact)
+    the piece itself       true positions, causal (the window's tail)
 Until the first token leaves the window everything is read like `dense`. After attending, the
 window's oldest whole blocks beyond n_local move to the block store with the method's summary.
 A method subclasses `SparseMethod` and implements `summarize` and `select`.
@@ -36,7 +36,7 @@ _SCORING_QUERIES = 256  # most queries of a chunk used to score window tokens
 
 class Position(enum.Enum):
     TRUE = "true"  # every key at its absolute position (long-trained or natively sparse models)
-    INFLLM = "infllm"  # local context compacted, selected memory at a fixed distance n_local
+    INFLLM = "infllm"  # sinks and selected memory at a fixed distance n_local, window at true distances
     COMPACTED = "compacted"  # sinks, selected blocks and window renumbered contiguously
 
 
