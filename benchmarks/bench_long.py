@@ -6,9 +6,11 @@ Every (system, length) runs in its own process, so peak RSS is that run's own; t
 alternate within each repetition so drift hits all of them. All load the same GGUF
 (SmolLM2-135M-Instruct Q4_1 by default; llama.cpp computes with it directly, the others on its
 float32 dequantization), feed the same prompt tokens, decode --new-tokens greedily with the same
-thread count. blockmem dense refuses prompts past the model's window and is reported as such.
+thread count. A blockmem system may name its dtype: `infllm@bfloat16` (default float32; the peers
+always compute in float32 or, llama.cpp, on the quantized blocks); `llamacpp@fa` turns on llama.cpp's
+flash attention. blockmem dense refuses prompts past the model's window and is reported as such.
 llama.cpp needs `pip install llama-cpp-python` (it compiles; allow several minutes).
-Prints medians with ratios against --baseline, and writes JSON with --out.
+Prints medians (min-max) with ratios against --baseline, writes every run as JSON with --out, and\n`--report A.json B.json` prints one table from earlier runs.
 """
 
 from __future__ import annotations
@@ -47,12 +49,21 @@ def single(system: str, length: int, new_tokens: int, threads: int, model_name: 
     from blockmem.errors import ContextLengthError
 
     torch.set_num_threads(threads)
-    model = blockmem.load(model_name, device="cpu")
-    ids = _prompt(model.tokenizer, length)
-    if system in ("transformers", "llamacpp"):
-        run = _transformers if system == "transformers" else _llamacpp
-        prefill, decode = run(model, ids, new_tokens, threads)
+    system, _, variant = system.partition("@")
+    if system in ("transformers", "llamacpp"):  # only the tokenizer from blockmem: RSS stays the peer's own
+        from blockmem.model.gguf_file import GGUFFile
+        from blockmem.model.loader import resolve
+        from blockmem.model.tokenizer import tokenizer_from_gguf
+
+        path = resolve(model_name)[1]
+        ids = _prompt(tokenizer_from_gguf(GGUFFile(path).metadata, str(path)), length)
+        if system == "transformers":
+            prefill, decode = _transformers(path, ids, new_tokens)
+        else:
+            prefill, decode = _llamacpp(path, ids, new_tokens, threads, flash_attn=variant == "fa")
         return {"prefill_tok_s": prefill, "decode_tok_s": decode, "peak_rss_mib": _rss() / 2**20}
+    model = blockmem.load(model_name, device="cpu", dtype=variant or "float32")
+    ids = _prompt(model.tokenizer, length)
     engine = blockmem.Engine(model, method=blockmem.create_method(system))
     try:
         out = engine.generate(prompt_ids=ids, max_new_tokens=new_tokens, ignore_eos=True)
@@ -63,11 +74,11 @@ def single(system: str, length: int, new_tokens: int, threads: int, model_name: 
             "tokens_read": out.method.get("telemetry", {}).get("decode", {}).get("tokens_attended")}
 
 
-def _transformers(model: Any, ids: list[int], new_tokens: int, threads: int) -> tuple[float, float]:
+def _transformers(path: Path, ids: list[int], new_tokens: int) -> tuple[float, float]:
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    ref = AutoModelForCausalLM.from_pretrained(str(model.path.parent), gguf_file=model.path.name,
+    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                dtype=torch.float32, attn_implementation="sdpa").eval()
     with torch.inference_mode():
         cache = DynamicCache()
@@ -82,11 +93,11 @@ def _transformers(model: Any, ids: list[int], new_tokens: int, threads: int) -> 
     return len(ids) / prefill, (new_tokens - 1) / decode
 
 
-def _llamacpp(model: Any, ids: list[int], new_tokens: int, threads: int) -> tuple[float, float]:
+def _llamacpp(path: Path, ids: list[int], new_tokens: int, threads: int, flash_attn: bool) -> tuple[float, float]:
     from llama_cpp import Llama
 
-    llm = Llama(str(model.path), n_ctx=len(ids) + new_tokens + 16, n_threads=threads, n_threads_batch=threads,
-                n_batch=512, verbose=False)
+    llm = Llama(str(path), n_ctx=len(ids) + new_tokens + 16, n_threads=threads, n_threads_batch=threads,
+                n_batch=512, flash_attn=flash_attn, verbose=False)
     started = time.perf_counter()
     llm.eval(ids)
     prefill = time.perf_counter() - started
@@ -100,18 +111,24 @@ def _llamacpp(model: Any, ids: list[int], new_tokens: int, threads: int) -> tupl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--lengths", default="8k,16k,32k")
-    parser.add_argument("--systems", default="infllm,blocksparse,dense,transformers,llamacpp")
+    parser.add_argument("--model", default="smollm2-135m", help="short name or .gguf path (llama.cpp needs a GGUF)")
+    parser.add_argument("--lengths", default="8k,16k,32k", help="prompt lengths in model tokens")
+    parser.add_argument("--systems", default="infllm,blocksparse,dense,transformers,llamacpp",
+                        help="blockmem methods (optionally @bfloat16), transformers, llamacpp (optionally @fa)")
     parser.add_argument("--baseline", default="llamacpp", help="ratios are against this system")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per run")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every system")
+    parser.add_argument("--out", type=Path, help="write all runs as JSON here")
+    parser.add_argument("--report", type=Path, nargs="+", help="print the table of earlier --out files and exit")
     parser.add_argument("--single", nargs=2, metavar=("SYSTEM", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     from blockmem.eval.passkey import parse_length
 
+    if args.report:
+        results, systems = _load(args.report)
+        print(_report(results, systems, args.baseline))
+        return
     if args.single:
         print(json.dumps(single(args.single[0], int(args.single[1]), args.new_tokens, args.threads, args.model)))
         return
@@ -129,34 +146,59 @@ def main() -> None:
                     {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
                 results.setdefault((system, length), []).append(record)
                 print(f"{system} {length} rep {rep + 1}: {record}", file=sys.stderr, flush=True)
-    report = _report(results, systems, args.baseline)
-    print(report)
+    print(_report(results, systems, args.baseline))
     if args.out:
-        args.out.write_text(json.dumps({f"{s}@{n}": r for (s, n), r in results.items()}, indent=2) + "\n")
+        records = [{"system": s, "length": n, **r} for (s, n), runs in results.items() for r in runs]
+        args.out.write_text(json.dumps(records, indent=1) + "\n")
 
 
 def _report(results: dict[tuple[str, int], list[dict[str, Any]]], systems: list[str], baseline: str) -> str:
-    def median(system: str, length: int, key: str) -> float | None:
-        values = [r[key] for r in results.get((system, length), []) if key in r]
-        return statistics.median(values) if values else None
+    def values(system: str, length: int, key: str) -> list[float]:
+        return [r[key] for r in results.get((system, length), []) if key in r]
 
-    lines = [f"| system | length | prefill tok/s | decode tok/s | decode vs {baseline} | peak RSS MiB |",
-             "|---|---:|---:|---:|---:|---:|"]
+    def cell(system: str, length: int, key: str) -> tuple[str, float | None]:
+        found = values(system, length, key)
+        if not found:
+            return "–", None
+        middle = statistics.median(found)
+        spread = f" ({min(found):.1f}-{max(found):.1f})" if len(found) > 1 else ""
+        return f"{middle:.1f}{spread}", middle
+
+    def ratio(value: float | None, base: float | None) -> str:
+        return f"{value / base:.2f}x" if value and base else "–"
+
+    lines = [f"| system | length | runs | prefill tok/s | prefill vs {baseline} | decode tok/s | decode vs {baseline} "
+             "| peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for length in sorted({n for _, n in results}):
-        base = median(baseline, length, "decode_tok_s")
+        base_prefill = cell(baseline, length, "prefill_tok_s")[1]
+        base_decode = cell(baseline, length, "decode_tok_s")[1]
         for system in systems:
             records = results.get((system, length), [])
+            if not records:
+                continue
             if any("refused" in r for r in records):
-                lines.append(f"| {system} | {length // 1024}K | refused | refused | – | – |")
+                lines.append(f"| {system} | {length // 1024}K | – | refused | | refused | | |")
                 continue
             if any("error" in r for r in records):
-                lines.append(f"| {system} | {length // 1024}K | error: {records[0]['error'][:60]} | | | |")
+                lines.append(f"| {system} | {length // 1024}K | – | error: {records[0]['error'][:60]} | | | | |")
                 continue
-            decode = median(system, length, "decode_tok_s")
-            ratio = f"{decode / base:.2f}x" if decode and base else "–"
-            lines.append(f"| {system} | {length // 1024}K | {median(system, length, 'prefill_tok_s'):.0f} | "
-                         f"{decode:.1f} | {ratio} | {median(system, length, 'peak_rss_mib'):.0f} |")
+            prefill, prefill_mid = cell(system, length, "prefill_tok_s")
+            decode, decode_mid = cell(system, length, "decode_tok_s")
+            rss = cell(system, length, "peak_rss_mib")[1] or 0
+            lines.append(f"| {system} | {length // 1024}K | {len(records)} | {prefill} | {ratio(prefill_mid, base_prefill)} "
+                         f"| {decode} | {ratio(decode_mid, base_decode)} | {rss:.0f} |")
     return "\n".join(lines)
+
+
+def _load(paths: list[Path]) -> tuple[dict[tuple[str, int], list[dict[str, Any]]], list[str]]:
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    systems: list[str] = []
+    for path in paths:
+        for record in json.loads(path.read_text()):
+            results.setdefault((record["system"], record["length"]), []).append(record)
+            if record["system"] not in systems:
+                systems.append(record["system"])
+    return results, systems
 
 
 if __name__ == "__main__":

