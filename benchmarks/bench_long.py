@@ -5,12 +5,16 @@
 Every (system, length) runs in its own process, so peak RSS is that run's own; the systems
 alternate within each repetition so drift hits all of them. All load the same GGUF
 (SmolLM2-135M-Instruct Q4_1 by default; llama.cpp computes with it directly, the others on its
-float32 dequantization), feed the same prompt tokens, decode --new-tokens greedily with the same
-thread count. A blockmem system may name its dtype: `infllm@bfloat16` (default float32; the peers
-always compute in float32 or, llama.cpp, on the quantized blocks); `llamacpp@fa` turns on llama.cpp's
-flash attention. blockmem dense refuses prompts past the model's window and is reported as such.
-llama.cpp needs `pip install llama-cpp-python` (it compiles; allow several minutes).
-Prints medians (min-max) with ratios against --baseline, writes every run as JSON with --out, and\n`--report A.json B.json` prints one table from earlier runs.
+float32 dequantization), feed the same prompt tokens (the length minus --new-tokens, so that "8k"
+fits an 8K window) and decode --new-tokens greedily with the same thread count.
+
+A blockmem system may name its dtype, `infllm@bfloat16` (default float32; transformers computes in
+float32, llama.cpp on the quantized blocks); `llamacpp@fa` turns on llama.cpp's flash attention.
+blockmem dense refuses prompts past the model's window and is reported as such. llama.cpp needs
+`pip install llama-cpp-python` (it compiles; allow several minutes).
+
+Prints medians (min-max) with ratios against --baseline and writes every run as JSON with --out;
+`--report A.json B.json` prints one table from earlier runs.
 """
 
 from __future__ import annotations
@@ -56,14 +60,14 @@ def single(system: str, length: int, new_tokens: int, threads: int, model_name: 
         from blockmem.model.tokenizer import tokenizer_from_gguf
 
         path = resolve(model_name)[1]
-        ids = _prompt(tokenizer_from_gguf(GGUFFile(path).metadata, str(path)), length)
+        ids = _prompt(tokenizer_from_gguf(GGUFFile(path).metadata, str(path)), length - new_tokens)
         if system == "transformers":
             prefill, decode = _transformers(path, ids, new_tokens)
         else:
             prefill, decode = _llamacpp(path, ids, new_tokens, threads, flash_attn=variant == "fa")
         return {"prefill_tok_s": prefill, "decode_tok_s": decode, "peak_rss_mib": _rss() / 2**20}
     model = blockmem.load(model_name, device="cpu", dtype=variant or "float32")
-    ids = _prompt(model.tokenizer, length)
+    ids = _prompt(model.tokenizer, length - new_tokens)
     engine = blockmem.Engine(model, method=blockmem.create_method(system))
     try:
         out = engine.generate(prompt_ids=ids, max_new_tokens=new_tokens, ignore_eos=True)
