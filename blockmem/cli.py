@@ -46,6 +46,8 @@ BlockSize = Annotated[int | None, typer.Option(help=f"{_METHOD_HELP} Tokens per 
 TopK_ = Annotated[int | None, typer.Option("--topk", help=f"{_METHOD_HELP} Blocks read per query step.")]
 NInit = Annotated[int | None, typer.Option(help=f"{_METHOD_HELP} First tokens always read (attention sinks).")]
 NLocal = Annotated[int | None, typer.Option(help=f"{_METHOD_HELP} Recent tokens always read (local window).")]
+ExecSize = Annotated[int | None, typer.Option(help=f"{_METHOD_HELP} Queries that share one block selection "
+                                             "(smaller: better retrieval from prose, slower prefill).")]
 PositionOpt = Annotated[str | None, typer.Option("--position", help=f"{_METHOD_HELP} Position policy: true, infllm "
                                                  "(memory at a fixed distance) or compacted.")]
 ReprKeys = Annotated[int | None, typer.Option(help="infllm: representative keys per block.")]
@@ -160,7 +162,7 @@ def run(
     method: Method = "dense", block_size: BlockSize = None, topk: TopK_ = None, n_init: NInit = None,
     n_local: NLocal = None, position: PositionOpt = None, repr_keys: ReprKeys = None, per_head: PerHead = None,
     switch_length: Switch = None, pool_kernel: PoolKernel = None, pool_stride: PoolStride = None,
-    agnostic_fraction: Agnostic = None, importance: Importance = None,
+    agnostic_fraction: Agnostic = None, importance: Importance = None, exec_size: ExecSize = None,
     chunk_size: Chunk = 1024, threads: Threads = None, dtype: Dtype = "float32", device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, stats, method settings and "
                                           "selection telemetry) instead of streaming.")] = False,
@@ -172,7 +174,8 @@ def run(
                             seed=seed, stop=tuple(stop or ()))
     options = dict(block_size=block_size, topk=topk, n_init=n_init, n_local=n_local, position=position,
                    repr_keys=repr_keys, per_head=per_head, switch_length=switch_length, pool_kernel=pool_kernel,
-                   pool_stride=pool_stride, agnostic_fraction=agnostic_fraction, importance=importance)
+                   pool_stride=pool_stride, agnostic_fraction=agnostic_fraction, importance=importance,
+                   exec_size=exec_size)
     engine = _setup(model, dtype, device, threads, method, chunk_size, options)
     chat = engine.model.has_chat_template
     text = _compose(prompt, list(file or []), question, raw, chat)
