@@ -55,12 +55,10 @@ def single(system: str, length: int, new_tokens: int, threads: int, model_name: 
     torch.set_num_threads(threads)
     system, _, variant = system.partition("@")
     if system in ("transformers", "llamacpp"):  # only the tokenizer from blockmem: RSS stays the peer's own
-        from blockmem.model.gguf_file import GGUFFile
-        from blockmem.model.loader import resolve
-        from blockmem.model.tokenizer import tokenizer_from_gguf
+        from blockmem.model.loader import load_tokenizer, resolve
 
         path = resolve(model_name)[1]
-        ids = _prompt(tokenizer_from_gguf(GGUFFile(path).metadata, str(path)), length - new_tokens)
+        ids = _prompt(load_tokenizer(path), length - new_tokens)
         if system == "transformers":
             prefill, decode = _transformers(path, ids, new_tokens)
         else:

@@ -79,11 +79,10 @@ def test_real_gguf_tokenizers_match_transformers(name: str) -> None:
     from transformers import AutoTokenizer
 
     from blockmem.model.catalog import CATALOG
-    from blockmem.model.gguf_file import GGUFFile
-    from blockmem.model.tokenizer import tokenizer_from_gguf
+    from blockmem.model.loader import load_tokenizer
 
     path = CATALOG[name].locate()
-    ours = tokenizer_from_gguf(GGUFFile(path).metadata, str(path))
+    ours = load_tokenizer(path)
     ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     special = ["<|im_start|>user\nhi<|im_end|>\n", "<start_of_turn>user\nhi<end_of_turn>\n", "</iframe> a  b   c"]
     for text in TEXTS + special:
@@ -91,3 +90,13 @@ def test_real_gguf_tokenizers_match_transformers(name: str) -> None:
         assert ids == ref(text)["input_ids"], text
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
         assert "".join(_stream(ours, ids)) == ours.decode(ids)
+
+
+def test_load_tokenizer_matches_the_loaded_models(tiny) -> None:
+    from blockmem.model.loader import load_tokenizer
+
+    for source in (tiny.get("llama")[0], None):  # an HF directory; the default GGUF
+        expected = blockmem.load(source, device="cpu").tokenizer
+        alone = load_tokenizer(source)
+        assert alone.encode("Hello world, 12345!") == expected.encode("Hello world, 12345!")
+        assert alone.chat_template == expected.chat_template

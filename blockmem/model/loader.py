@@ -74,6 +74,12 @@ def resolve(model: str | Path | None) -> tuple[str, Path]:
     raise ModelError(f"model not found: {text}", f"pass a .gguf file, a Hugging Face model directory, or one of: {names}")
 
 
+def load_tokenizer(model: str | Path | None = None) -> Tokenizer:
+    """Only the tokenizer of `model` (same names as `load`), without reading any weights."""
+    path = resolve(model)[1]
+    return tokenizer_from_hf(path) if path.is_dir() else tokenizer_from_gguf(GGUFFile(path).metadata, str(path))
+
+
 def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "float32",
          device: str | torch.device = "auto", pack: bool = True) -> Model:
     """Load a model. `pack` switches CPU linear layers to oneDNN's prepacked fast path."""
