@@ -28,3 +28,7 @@ class ConfigError(BlockmemError):
 
 class ContextLengthError(BlockmemError):
     """The input does not fit the context the chosen attention method can serve."""
+
+
+class MemoryFileError(BlockmemError):
+    """A saved memory is missing, corrupt, incomplete, or does not match the model or settings."""

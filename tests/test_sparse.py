@@ -14,6 +14,7 @@ from blockmem.attention.base import LayerSpec
 from blockmem.attention.sparse import Position, SparseLayer, top_blocks
 from blockmem.attention.telemetry import Telemetry
 from blockmem.config import RopeConfig
+from blockmem.memory.tiers import Tiers
 from blockmem.model.decoder import Logits
 from blockmem.model.rope import Rotary
 
@@ -107,7 +108,9 @@ def test_top_blocks_picks_best_sorted_and_breaks_ties_low() -> None:
 def _layer(name: str, **options) -> tuple[SparseLayer, Rotary, LayerSpec]:
     spec = LayerSpec(0, num_heads=4, num_kv_heads=2, head_dim=8, scale=8 ** -0.5, window=None)
     method = create_method(name, **options)
-    return SparseLayer(method, spec, Telemetry(1), torch.device("cpu"), torch.float32), Rotary(RopeConfig(10000.0), 8), spec
+    tiers = Tiers((2, 2, method.block_size, 8), torch.device("cpu"), torch.float32) if method.keeps_blocks else None
+    return (SparseLayer(method, spec, Telemetry(1), tiers, torch.device("cpu"), torch.float32),
+            Rotary(RopeConfig(10000.0), 8), spec)
 
 
 def _feed(layer: SparseLayer, rotary: Rotary, keys: torch.Tensor, values: torch.Tensor, chunk: int) -> None:
@@ -155,7 +158,8 @@ def test_quest_bound_is_an_upper_bound() -> None:
     rows = q.reshape(2, 2, 8)
     bound = torch.einsum("hd,nhd->hn", rows.clamp(min=0).sum(1), store.summary("kmax")) + \
         torch.einsum("hd,nhd->hn", rows.clamp(max=0).sum(1), store.summary("kmin"))
-    actual = torch.einsum("hgd,hntd->hnt", rows, store.keys[:, : store.num_blocks]).amax(-1)  # exact per key, summed q
+    stored = store.pages(list(range(store.num_blocks)))[:, 0]  # [n, Hkv, block, D]
+    actual = torch.einsum("hgd,nhtd->hnt", rows, stored).amax(-1)  # exact per key, summed q
     assert (bound >= actual - 1e-5).all()
     assert method.select(q, store, spec, 48).shape == (2, 1)
 
@@ -273,7 +277,8 @@ def test_working_set_holds_exactly_the_selected_blocks(prefix: int) -> None:
     from blockmem.attention.sparse import WorkingSet
     from blockmem.memory.store import BlockStore
 
-    store = BlockStore(kv_heads=2, block_size=4, head_dim=3, device=torch.device("cpu"), dtype=torch.float32)
+    tiers = Tiers((2, 2, 4, 3), torch.device("cpu"), torch.float32)
+    store = BlockStore(0, tiers, kv_heads=2, block_size=4, head_dim=3)
     for b in range(10):
         store.append(torch.full((2, 4, 3), float(b)) + torch.arange(2.0)[:, None, None] / 10, torch.full((2, 4, 3), -b),
                      {})

@@ -52,10 +52,25 @@ class LayerCache(ABC):
 class KVCache:
     """All layers' state for one sequence under one method (and its selection telemetry)."""
 
-    def __init__(self, layers: list[LayerCache], telemetry: Telemetry | None = None) -> None:
+    def __init__(self, layers: list[LayerCache], telemetry: Telemetry | None = None, tiers: Any = None) -> None:
         self.layers = layers
         self.telemetry = telemetry
+        self.tiers = tiers  # memory.tiers.Tiers holding the blocks of block-memory methods, or None
         self.length = 0  # tokens written so far
+
+    def settle(self) -> None:
+        """Drop transient read caches (working sets), so what follows depends only on the stored
+        memory: done at document boundaries and before saving, which makes a reopened or
+        extended memory compute exactly what the in-process one does."""
+        for layer in self.layers:
+            settle = getattr(layer, "settle", None)
+            if settle is not None:
+                settle()
+
+    def close(self) -> None:
+        """Release spill files; the cache must not be used afterwards."""
+        if self.tiers is not None:
+            self.tiers.close()
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -70,8 +85,10 @@ class AttentionMethod(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def new_cache(self, specs: list[LayerSpec], device: torch.device, dtype: torch.dtype) -> KVCache:
-        """Empty state for one new sequence."""
+    def new_cache(self, specs: list[LayerSpec], device: torch.device, dtype: torch.dtype,
+                  tiers: Any = None, base: Any = None) -> KVCache:
+        """Empty state for one new sequence. `tiers` (memory.tiers.TierConfig) sets the budgets
+        of methods that keep blocks; `base` maps the blocks of a saved memory."""
 
     def context_limit(self, model_limit: int) -> int | None:
         """The longest sequence this method serves on a model trained to `model_limit` tokens

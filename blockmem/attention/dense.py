@@ -6,11 +6,14 @@ positions in a buffer that grows by doubling, so a decode step never copies the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from blockmem.attention.base import AttentionMethod, KVCache, LayerCache, LayerSpec
 from blockmem.attention.merge import merge, partial_attention
+from blockmem.errors import ConfigError
 from blockmem.model.rope import Rotary
 
 
@@ -118,5 +121,9 @@ class DenseMethod(AttentionMethod):
 
     name = "dense"
 
-    def new_cache(self, specs: list[LayerSpec], device: torch.device, dtype: torch.dtype) -> KVCache:
+    def new_cache(self, specs: list[LayerSpec], device: torch.device, dtype: torch.dtype,
+                  tiers: Any = None, base: Any = None) -> KVCache:
+        if tiers is not None and tiers.tiered:
+            raise ConfigError("memory budgets apply to block-memory methods; dense keeps every key on the device",
+                              "use a method such as --method infllm with --ram-budget")
         return KVCache([DenseLayer(spec, device, dtype) for spec in specs])

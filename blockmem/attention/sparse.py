@@ -28,6 +28,7 @@ from blockmem.attention.telemetry import Telemetry
 from blockmem.errors import ConfigError
 from blockmem.memory.layer import LayerMemory
 from blockmem.memory.store import BlockStore
+from blockmem.memory.tiers import BaseBlocks, TierConfig, Tiers
 from blockmem.model.rope import Rotary
 
 
@@ -81,12 +82,17 @@ class SparseMethod(AttentionMethod):
         options["position"] = self.position.value
         return {"method": self.name, **options, "effective_budget": self.budget(), "max_attended": self.max_attended()}
 
-    def new_cache(self, specs: list[LayerSpec], device: torch.device, dtype: torch.dtype) -> KVCache:
+    def new_cache(self, specs: list[LayerSpec], device: torch.device, dtype: torch.dtype,
+                  tiers: TierConfig | None = None, base: BaseBlocks | None = None) -> KVCache:
         telemetry = Telemetry(len(specs))
+        shared = None
+        if self.keeps_blocks:
+            spec = next((s for s in specs if s.window is None), specs[0])
+            shared = Tiers((2, spec.num_kv_heads, self.block_size, spec.head_dim), device, dtype, tiers, base)
         layers: list[LayerCache] = [
             DenseLayer(spec, device, dtype) if spec.window is not None  # sliding layers keep their own window
-            else SparseLayer(self, spec, telemetry, device, dtype) for spec in specs]
-        return KVCache(layers, telemetry)
+            else SparseLayer(self, spec, telemetry, shared, device, dtype) for spec in specs]
+        return KVCache(layers, telemetry, shared)
 
     @abstractmethod
     def summarize(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -122,30 +128,42 @@ class WorkingSet:
 
     def update(self, store: BlockStore, ids: torch.Tensor) -> None:
         heads, k = ids.shape
+        changes = []  # (head, free slots, blocks to add)
         for head in range(heads):
             old, new = self.slots[head].tolist(), ids[head].tolist()
             if old == new:
                 continue
             wanted, held = set(new), set(old)
-            free = [slot for slot, block in enumerate(old) if block not in wanted]
             added = [block for block in new if block not in held]
-            if not added:
-                continue
+            if added:
+                changes.append((head, [slot for slot, block in enumerate(old) if block not in wanted], added))
+        if not changes:
+            return
+        needed = sorted({block for _, _, added in changes for block in added})
+        pages = store.pages(needed)  # each block fetched once, whichever heads want it
+        row = {block: i for i, block in enumerate(needed)}
+        for head, free, added in changes:
             slot_index = torch.tensor(free, device=ids.device)
-            block_index = torch.tensor(added, device=ids.device)
-            for target, pool in ((self.keys, store.keys), (self.values, store.values)):
+            picked = pages[torch.tensor([row[b] for b in added], device=pages.device)]  # [n, 2, Hkv, block, D]
+            for part, target in enumerate((self.keys, self.values)):
                 view = target[0, head, self.prefix:].view(k, store.block_size, store.head_dim)
-                view[slot_index] = pool[head].index_select(0, block_index)
-            self.slots[head, slot_index] = block_index
+                view[slot_index] = picked[:, part, head]
+            self.slots[head, slot_index] = torch.tensor(added, device=ids.device)
 
 
 class SparseLayer(LayerCache):
-    def __init__(self, method: SparseMethod, spec: LayerSpec, telemetry: Telemetry, device: torch.device,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, method: SparseMethod, spec: LayerSpec, telemetry: Telemetry, tiers: Tiers | None,
+                 device: torch.device, dtype: torch.dtype) -> None:
         self.method, self.spec, self.telemetry = method, spec, telemetry
+        store = None if tiers is None else BlockStore(spec.index, tiers, spec.num_kv_heads, method.block_size,
+                                                      spec.head_dim)
         self.memory = LayerMemory(spec.num_kv_heads, spec.head_dim, method.n_init, method.n_local, method.block_size,
-                                  method.keeps_blocks, device, dtype)
+                                  store, device, dtype)
         self._working: WorkingSet | None = None
+
+    def settle(self) -> None:
+        """Drop the working set (a cache of selected blocks); the next step gathers afresh."""
+        self._working = None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary, start: int) -> torch.Tensor:
         if q.shape[0] != 1:

@@ -22,6 +22,7 @@ from blockmem.engine.sampler import Sampler, SamplingParams
 from blockmem.engine.stats import Stats, peak_gpu_bytes, peak_rss_bytes
 from blockmem.engine.stops import StopMatcher
 from blockmem.errors import ConfigError, ContextLengthError
+from blockmem.memory.tiers import TierConfig
 from blockmem.model.decoder import Logits
 from blockmem.model.loader import Model
 from blockmem.model.tokenizer import StreamDecoder
@@ -55,12 +56,14 @@ class Stream:
 
 
 class Engine:
-    def __init__(self, model: Model, method: AttentionMethod | str = "dense", prefill_chunk: int = 1024) -> None:
+    def __init__(self, model: Model, method: AttentionMethod | str = "dense", prefill_chunk: int = 1024,
+                 tiers: TierConfig | None = None) -> None:
         if prefill_chunk < 1:
             raise ConfigError(f"prefill chunk must be a positive number of tokens, got {prefill_chunk}")
         self.model = model
         self.method = create_method(method) if isinstance(method, str) else method
         self.prefill_chunk = prefill_chunk
+        self.tiers = tiers  # budgets for the blocks of block-memory methods (None: all on the device)
 
     def encode(self, prompt: str | None = None, messages: Messages | None = None, raw: bool = False) -> list[int]:
         """Token ids for a prompt: through the chat template unless `raw` or the model has none."""
@@ -122,7 +125,7 @@ class Engine:
 
     def new_cache(self) -> KVCache:
         decoder = self.model.decoder
-        return self.method.new_cache(decoder.layer_specs(), decoder.device, decoder.dtype)
+        return self.method.new_cache(decoder.layer_specs(), decoder.device, decoder.dtype, self.tiers)
 
     def _run(self, ids: list[int], params: SamplingParams, on_prefill: ProgressFn | None) -> Generator[str, None, Completion]:
         limit = self._check_length(len(ids))

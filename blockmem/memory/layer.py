@@ -71,13 +71,13 @@ class Window:
 
 
 class LayerMemory:
-    def __init__(self, kv_heads: int, head_dim: int, n_init: int, n_local: int, block_size: int, keep_blocks: bool,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, kv_heads: int, head_dim: int, n_init: int, n_local: int, block_size: int,
+                 store: BlockStore | None, device: torch.device, dtype: torch.dtype) -> None:
         self.n_init, self.n_local, self.block_size = n_init, n_local, block_size
         self.init_keys = torch.empty(1, kv_heads, 0, head_dim, device=device, dtype=dtype)
         self.init_values = torch.empty_like(self.init_keys)
         self.window = Window(kv_heads, head_dim, device, dtype)
-        self.store = BlockStore(kv_heads, block_size, head_dim, device, dtype) if keep_blocks else None
+        self.store = store  # None: evicted tokens are dropped
         self.length = 0  # tokens written
         self.evicted = 0  # tokens that left the window (into blocks, or dropped)
 

@@ -1,37 +1,28 @@
-"""Block storage: full blocks of one layer's keys and values, with per-block summaries.
+"""Block storage for one layer: its block count and per-block summaries, with the blocks' keys
+and values kept in the sequence's shared `Tiers` (RAM, device, disk) under the key (layer, id).
 
-Contract (what a tiered or on-disk store must also honour):
+Contract:
 - `append(keys, values, summaries)` adds block number `num_blocks` (blocks are never modified);
 - `gather(ids)` returns the keys and values of the blocks in `ids`, per KV head, in id order;
-- `summary(name)` returns one summary for every block, [num_blocks, ...];
+- `pages(ids)` returns whole blocks [n, 2, Hkv, block, D] (keys, values) on the compute device;
+- `summary(name)` returns one summary for every block, [num_blocks, ...]; summaries stay on the
+  compute device (selection reads all of them every step; they are small);
 - `num_blocks` and `nbytes()` are plain integers; `check()` raises if the store is inconsistent.
-This RAM store keeps blocks in preallocated pools that grow by doubling.
 """
 
 from __future__ import annotations
 
 import torch
 
+from blockmem.memory.tiers import Tiers
+
 
 class BlockStore:
-    def __init__(self, kv_heads: int, block_size: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, layer: int, tiers: Tiers, kv_heads: int, block_size: int, head_dim: int) -> None:
+        self.layer, self.tiers = layer, tiers
         self.kv_heads, self.block_size, self.head_dim = kv_heads, block_size, head_dim
         self.num_blocks = 0
-        # Head-major pools [Hkv, capacity, block, D]: a gather is one index_select per head group
-        # and its result is already the [Hkv, k * block, D] layout attention reads.
-        shape = (kv_heads, 0, block_size, head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
-        self.summaries: dict[str, torch.Tensor] = {}  # name -> [capacity, ...]
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[1]
-
-    def _grow_pool(self, pool: torch.Tensor, capacity: int) -> torch.Tensor:
-        grown = pool.new_empty((pool.shape[0], capacity, *pool.shape[2:]))
-        grown[:, : self.num_blocks] = pool[:, : self.num_blocks]
-        return grown
+        self.summaries: dict[str, torch.Tensor] = {}  # name -> [capacity, ...], grown by doubling
 
     def _grow_summary(self, summary: torch.Tensor, capacity: int) -> torch.Tensor:
         grown = summary.new_empty((capacity, *summary.shape[1:]))
@@ -40,45 +31,50 @@ class BlockStore:
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, summaries: dict[str, torch.Tensor]) -> int:
         """keys, values: [Hkv, block, D]; summaries: name -> tensor of a fixed shape per block."""
-        if self.num_blocks == self.capacity:
-            capacity = max(16, 2 * self.num_blocks)
-            self.keys, self.values = self._grow_pool(self.keys, capacity), self._grow_pool(self.values, capacity)
-            self.summaries = {name: self._grow_summary(s, capacity) for name, s in self.summaries.items()}
         index = self.num_blocks
-        self.keys[:, index], self.values[:, index] = keys, values
+        self.tiers.append(self.layer, index, keys, values)
         for name, value in summaries.items():
-            if name not in self.summaries:
-                self.summaries[name] = value.new_empty((self.capacity, *value.shape))
-            self.summaries[name][index] = value
+            held = self.summaries.get(name)
+            if held is None:
+                held = self.summaries[name] = value.new_empty((16, *value.shape))
+            elif held.shape[0] == index:
+                held = self.summaries[name] = self._grow_summary(held, 2 * index)
+            held[index] = value
         self.num_blocks += 1
         return index
+
+    def pages(self, ids: list[int]) -> torch.Tensor:
+        return self.tiers.fetch(self.layer, ids)
 
     def gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids: [Hkv, k] int64 block ids (sorted per head) -> keys, values: [1, Hkv, k * block, D]."""
         shape = (1, self.kv_heads, ids.shape[1] * self.block_size, self.head_dim)
         if bool((ids == ids[:1]).all()):  # one selection shared by all heads
-            return (self.keys.index_select(1, ids[0]).reshape(shape),
-                    self.values.index_select(1, ids[0]).reshape(shape))
-        heads = torch.arange(self.kv_heads, device=ids.device)[:, None]
-        return self.keys[heads, ids].reshape(shape), self.values[heads, ids].reshape(shape)
+            pages = self.pages(ids[0].tolist())  # [k, 2, Hkv, block, D]
+            both = pages.permute(1, 2, 0, 3, 4)  # [2, Hkv, k, block, D]
+            return both[0].reshape(shape), both[1].reshape(shape)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        pages = self.pages(unique.tolist())
+        heads = torch.arange(self.kv_heads, device=pages.device)[:, None]
+        inverse = inverse.to(pages.device)
+        return pages[inverse, 0, heads].reshape(shape), pages[inverse, 1, heads].reshape(shape)
 
     def block_keys(self, index: int) -> torch.Tensor:
         """One block's keys as stored: [Hkv, block, D]."""
-        return self.keys[:, index]
+        return self.pages([index])[0, 0]
 
     def summary(self, name: str) -> torch.Tensor:
         return self.summaries[name][: self.num_blocks]
 
     def nbytes(self) -> int:
-        used = self.keys[:, : self.num_blocks]
+        """Bytes of this layer's blocks and summaries, wherever the blocks live."""
         summaries = sum(s[: self.num_blocks].numel() * s.element_size() for s in self.summaries.values())
-        return 2 * used.numel() * used.element_size() + summaries
+        return self.num_blocks * self.tiers.page_bytes + summaries
 
     def check(self) -> None:
-        if not 0 <= self.num_blocks <= self.capacity:
-            raise AssertionError(f"block count {self.num_blocks} outside capacity {self.capacity}")
-        if self.values.shape != self.keys.shape:
-            raise AssertionError("key and value pools differ in shape")
         for name, s in self.summaries.items():
-            if s.shape[0] != self.capacity:
-                raise AssertionError(f"summary {name} has capacity {s.shape[0]}, pools {self.capacity}")
+            if s.shape[0] < self.num_blocks:
+                raise AssertionError(f"summary {name} holds {s.shape[0]} rows for {self.num_blocks} blocks")
+        for index in range(self.num_blocks):
+            if not self.tiers.holds((self.layer, index)):
+                raise AssertionError(f"layer {self.layer} block {index} is in no tier")
