@@ -59,6 +59,18 @@ PoolStride = Annotated[int | None, typer.Option(help="blocksparse/nosa: stride b
 Agnostic = Annotated[float | None, typer.Option(help="nosa: share of the blocks chosen without the query.")]
 Importance = Annotated[str | None, typer.Option(help="nosa: query-agnostic importance, mass or vnorm.")]
 Chunk = Annotated[int, typer.Option("--chunk-size", help="Prefill chunk in tokens: bounds memory per step.")]
+_TIER_HELP = "Memory tiers (block-memory methods)."
+RamBudget = Annotated[str | None, typer.Option(help=f"{_TIER_HELP} Bytes of blocks kept in RAM, e.g. 256MB or 2GB; "
+                                               "older blocks spill to disk (--spill-dir). Default: all in RAM.")]
+DeviceBudget = Annotated[str | None, typer.Option(help=f"{_TIER_HELP} Bytes of blocks cached on the GPU, e.g. 1GB "
+                                                  "(CUDA only). Default with budgets: none, blocks are copied per "
+                                                  "step from pinned RAM.")]
+SpillDir = Annotated[Path | None, typer.Option(help=f"{_TIER_HELP} Folder for spilled blocks (a temporary "
+                                               "subfolder is made and removed). Default: the system temp folder.")]
+StorageDtype = Annotated[str | None, typer.Option(help=f"{_TIER_HELP} dtype blocks are kept in: float32, float16 or "
+                                                  "bfloat16 (default: the compute dtype). 16-bit halves the bytes.")]
+KeepImportant = Annotated[bool, typer.Option("--keep-important", help=f"{_TIER_HELP} Evict the least-read of the "
+                                             "oldest blocks instead of the oldest.")]
 System = Annotated[str | None, typer.Option(help="System prompt for chat models.")]
 
 
@@ -81,8 +93,21 @@ def _friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _tier_config(ram_budget: str | None, device_budget: str | None, spill_dir: Path | None,
+                 storage_dtype: str | None, keep_important: bool) -> Any:
+    from blockmem.memory.tiers import TierConfig, parse_size
+    from blockmem.model.loader import parse_dtype
+
+    ram, device = parse_size(ram_budget, "--ram-budget"), parse_size(device_budget, "--device-budget")
+    if spill_dir is not None and ram is None:
+        raise ConfigError("--spill-dir needs --ram-budget: without a RAM budget nothing spills to disk")
+    return TierConfig(device_budget=device, ram_budget=ram, spill_dir=str(spill_dir) if spill_dir else None,
+                      storage_dtype=parse_dtype(storage_dtype) if storage_dtype else None,
+                      keep_important=keep_important)
+
+
 def _setup(model: str | None, dtype: str, device: str, threads: int | None, method: str, chunk: int,
-           options: dict[str, Any] | None = None) -> Any:
+           options: dict[str, Any] | None = None, tiers: Any = None) -> Any:
     import torch
 
     from blockmem.attention import create_method
@@ -96,7 +121,7 @@ def _setup(model: str | None, dtype: str, device: str, threads: int | None, meth
     chosen = create_method(method, **{k: v for k, v in (options or {}).items() if v is not None})
     with err.status(f"loading {model or 'smollm2-135m'} ...", spinner="dots"):
         loaded = load(model, dtype=dtype, device=device)
-    return Engine(loaded, method=chosen, prefill_chunk=chunk)
+    return Engine(loaded, method=chosen, prefill_chunk=chunk, tiers=tiers)
 
 
 def _method_line(method: dict[str, Any]) -> str:
@@ -163,7 +188,9 @@ def run(
     n_local: NLocal = None, position: PositionOpt = None, repr_keys: ReprKeys = None, per_head: PerHead = None,
     switch_length: Switch = None, pool_kernel: PoolKernel = None, pool_stride: PoolStride = None,
     agnostic_fraction: Agnostic = None, importance: Importance = None, exec_size: ExecSize = None,
-    chunk_size: Chunk = 1024, threads: Threads = None, dtype: Dtype = "float32", device: Device = "auto",
+    chunk_size: Chunk = 1024, ram_budget: RamBudget = None, device_budget: DeviceBudget = None,
+    spill_dir: SpillDir = None, storage_dtype: StorageDtype = None, keep_important: KeepImportant = False,
+    threads: Threads = None, dtype: Dtype = "float32", device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, stats, method settings and "
                                           "selection telemetry) instead of streaming.")] = False,
 ) -> None:
@@ -176,7 +203,8 @@ def run(
                    repr_keys=repr_keys, per_head=per_head, switch_length=switch_length, pool_kernel=pool_kernel,
                    pool_stride=pool_stride, agnostic_fraction=agnostic_fraction, importance=importance,
                    exec_size=exec_size)
-    engine = _setup(model, dtype, device, threads, method, chunk_size, options)
+    tiers = _tier_config(ram_budget, device_budget, spill_dir, storage_dtype, keep_important)
+    engine = _setup(model, dtype, device, threads, method, chunk_size, options, tiers)
     chat = engine.model.has_chat_template
     text = _compose(prompt, list(file or []), question, raw, chat)
     messages = None
@@ -198,8 +226,9 @@ def run(
         return
     sys.stdout.write("\n")
     err.print(f"[dim]{completion.stats.summary()}[/dim]")
-    if _method_line(completion.method):
-        err.print(f"[dim]{_method_line(completion.method)}[/dim]")
+    for line in (_method_line(completion.method), completion.stats.tier_summary()):
+        if line:
+            err.print(f"[dim]{line}[/dim]")
 
 
 @app.command()

@@ -88,7 +88,8 @@ class SparseMethod(AttentionMethod):
         shared = None
         if self.keeps_blocks:
             spec = next((s for s in specs if s.window is None), specs[0])
-            shared = Tiers((2, spec.num_kv_heads, self.block_size, spec.head_dim), device, dtype, tiers, base)
+            shared = Tiers((2, spec.num_kv_heads, self.block_size, spec.head_dim), device, dtype, tiers, base,
+                           step_blocks=max(1, self.topk * spec.num_kv_heads))  # per-head selections may differ
         layers: list[LayerCache] = [
             DenseLayer(spec, device, dtype) if spec.window is not None  # sliding layers keep their own window
             else SparseLayer(self, spec, telemetry, shared, device, dtype) for spec in specs]

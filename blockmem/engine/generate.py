@@ -127,47 +127,61 @@ class Engine:
         decoder = self.model.decoder
         return self.method.new_cache(decoder.layer_specs(), decoder.device, decoder.dtype, self.tiers)
 
-    def _run(self, ids: list[int], params: SamplingParams, on_prefill: ProgressFn | None) -> Generator[str, None, Completion]:
-        limit = self._check_length(len(ids))
-        budget = params.max_new_tokens if limit is None else min(params.max_new_tokens, limit - len(ids))
-        stats = Stats(prompt_tokens=len(ids))
+    def _run(self, ids: list[int], params: SamplingParams, on_prefill: ProgressFn | None,
+             cache: KVCache | None = None) -> Generator[str, None, Completion]:
+        """Prefill `ids` into `cache` (a new one by default; a saved memory's when given) and decode."""
+        limit = self._check_length((cache.length if cache is not None else 0) + len(ids))
+        start_length = cache.length if cache is not None else 0
+        budget = params.max_new_tokens if limit is None else min(params.max_new_tokens,
+                                                                 limit - start_length - len(ids))
+        stats = Stats(prompt_tokens=len(ids), memory_tokens=start_length)
         sampler, detokenizer, stops = Sampler(params), StreamDecoder(self.model.tokenizer), StopMatcher(params.stop)
         eos = frozenset() if params.ignore_eos else self.model.tokenizer.eos_ids
-        cache = self.new_cache()
-        started = time.perf_counter()
-        logits = self.prefill(ids, cache, on_prefill)
-        stats.prefill_seconds = time.perf_counter() - started
-        generated: list[int] = []
-        pieces: list[str] = []
-        finish = "length"
-        token = sampler(logits)
-        stats.time_to_first_token = first = time.perf_counter() - started
-        while True:
-            if token in eos:
-                finish = "stop"
-                break
-            generated.append(token)
-            piece = stops.feed(detokenizer.push(token))
-            if piece:
-                pieces.append(piece)
-                yield piece
-            if stops.stopped:
-                finish = "stop"
-                break
-            if len(generated) >= budget:
-                break
-            token = sampler(self._forward([token], cache))
-            stats.decode_steps += 1
-        tail = stops.feed(detokenizer.flush()) + stops.flush()
-        if tail:
-            pieces.append(tail)
-            yield tail
-        stats.generated_tokens = len(generated)
-        stats.decode_seconds = time.perf_counter() - started - first
-        stats.peak_rss_bytes = peak_rss_bytes()
-        stats.peak_gpu_bytes = peak_gpu_bytes(self.model.decoder.device)
-        stats.kv_cache_bytes = cache.nbytes()
-        method = self.method.describe()
-        if cache.telemetry is not None:
-            method["telemetry"] = cache.telemetry.summary()
-        return Completion("".join(pieces), generated, finish, stats, method)
+        cache = cache if cache is not None else self.new_cache()
+        try:
+            started = time.perf_counter()
+            logits = self.prefill(ids, cache, on_prefill)
+            stats.prefill_seconds = time.perf_counter() - started
+            moved_at_prefill = cache.tiers.bytes_moved() if cache.tiers is not None else 0
+            generated: list[int] = []
+            pieces: list[str] = []
+            finish = "length"
+            token = sampler(logits)
+            stats.time_to_first_token = first = time.perf_counter() - started
+            while True:
+                if token in eos:
+                    finish = "stop"
+                    break
+                generated.append(token)
+                piece = stops.feed(detokenizer.push(token))
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+                if stops.stopped:
+                    finish = "stop"
+                    break
+                if len(generated) >= budget:
+                    break
+                token = sampler(self._forward([token], cache))
+                stats.decode_steps += 1
+            tail = stops.feed(detokenizer.flush()) + stops.flush()
+            if tail:
+                pieces.append(tail)
+                yield tail
+            stats.generated_tokens = len(generated)
+            stats.decode_seconds = time.perf_counter() - started - first
+            stats.peak_rss_bytes = peak_rss_bytes()
+            stats.peak_gpu_bytes = peak_gpu_bytes(self.model.decoder.device)
+            stats.kv_cache_bytes = cache.nbytes()
+            if cache.tiers is not None:
+                stats.tiers = cache.tiers.stats()
+                stats.resident_kv_bytes = cache.nbytes() - cache.tiers.stored_bytes() + cache.tiers.resident_bytes()
+                if stats.decode_steps:
+                    moved = cache.tiers.bytes_moved() - moved_at_prefill
+                    stats.bytes_moved_per_token = round(moved / stats.decode_steps)
+            method = self.method.describe()
+            if cache.telemetry is not None:
+                method["telemetry"] = cache.telemetry.summary()
+            return Completion("".join(pieces), generated, finish, stats, method)
+        finally:
+            cache.close()

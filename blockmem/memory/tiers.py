@@ -94,7 +94,7 @@ class PagePool:
                  budget: int | None, pin: bool = False, keep_important: bool = False) -> None:
         self.name, self.page_shape, self.dtype, self.device = name, page_shape, dtype, device
         self.page_bytes = torch.Size(page_shape).numel() * torch.empty(0, dtype=dtype).element_size()
-        self.budget, self.keep_important = budget, keep_important
+        self.budget, self.keep_important, self.pin = budget, keep_important, pin
         capacity = 0 if budget is None else budget // self.page_bytes
         if budget is not None and capacity < 1:
             raise ConfigError(f"{name} budget {format_size(budget)} is smaller than one block "
@@ -157,7 +157,7 @@ class PagePool:
 
     def _grow(self) -> None:
         capacity = max(16, 2 * self.capacity)
-        grown = self.pages.new_empty((capacity, *self.page_shape))
+        grown = torch.empty((capacity, *self.page_shape), dtype=self.dtype, device=self.device, pin_memory=self.pin)
         grown[: self.capacity] = self.pages
         self.free = list(range(capacity - 1, self.capacity - 1, -1))
         self.pages = grown
@@ -285,7 +285,8 @@ class Tiers:
     """Every layer's blocks for one sequence, in the tiers `config` asks for (see module doc)."""
 
     def __init__(self, page_shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype,
-                 config: TierConfig | None = None, base: BaseBlocks | None = None) -> None:
+                 config: TierConfig | None = None, base: BaseBlocks | None = None, step_blocks: int = 1) -> None:
+        """`step_blocks`: the most blocks one step may read; every bounded tier must hold them."""
         config = config or TierConfig()
         self.config, self.page_shape, self.device, self.dtype = config, page_shape, device, dtype
         self.storage_dtype = config.storage_dtype or dtype
@@ -309,6 +310,11 @@ class Tiers:
             if config.ram_budget is not None or base is not None:
                 self.disk = DiskStore(self.host.page_bytes, config.spill_dir, base)
         self.page_bytes = self.host.page_bytes
+        for pool, flag in ((self.host, "--ram-budget"), (self.device_pool, "--device-budget")):
+            if pool is not None and pool.budget is not None and pool.capacity < step_blocks:
+                need = step_blocks * self.page_bytes
+                raise ConfigError(f"{flag} {format_size(pool.budget)} holds {pool.capacity} blocks, but one step may "
+                                  f"read {step_blocks} ({format_size(need)})", f"give {flag} at least {format_size(need)}")
         self.stream = torch.cuda.Stream(device) if cuda and not self.pages_on_device else None
         self._copies_done: torch.cuda.Event | None = None  # last host->device copy batch
         self.bytes_to_compute = 0  # pages copied to the compute device's working set
@@ -428,6 +434,13 @@ class Tiers:
             self.device_pool.check()
         if self.disk is not None:
             self.disk.check()
+
+    def stored_bytes(self) -> int:
+        """Bytes of every block held, wherever (each counted once)."""
+        if self.disk is not None:
+            return (sum(self.disk.counts.values()) + (sum(self.disk.base.counts.values()) if self.disk.base else 0)
+                    ) * self.page_bytes
+        return self.host.nbytes()
 
     def resident_bytes(self) -> int:
         return self.host.nbytes() + (self.device_pool.nbytes() if self.device_pool else 0)
