@@ -48,6 +48,14 @@ class LayerCache(ABC):
     def nbytes(self) -> int:
         """Bytes of key/value storage this layer holds now."""
 
+    def export_state(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+        """Integers and tensors that, with the blocks in the tiers, restore this layer exactly."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved")
+
+    def import_state(self, ints: dict[str, int], arrays: dict[str, torch.Tensor]) -> None:
+        """Restore what `export_state` returned (into a new, empty layer)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be restored")
+
 
 class KVCache:
     """All layers' state for one sequence under one method (and its selection telemetry)."""

@@ -111,6 +111,18 @@ class DenseLayer(LayerCache):
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=scale,
                                               enable_gqa=self.spec.num_heads != self.spec.num_kv_heads)
 
+    def export_state(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+        held = self.end - self.offset
+        if self.keys.dim() != 4:
+            return {"offset": 0, "end": 0}, {}
+        return {"offset": self.offset, "end": self.end}, {"keys": self.keys[:, :, :held], "values": self.values[:, :, :held]}
+
+    def import_state(self, ints: dict[str, int], arrays: dict[str, torch.Tensor]) -> None:
+        self.offset, self.end = ints["offset"], ints["end"]
+        if arrays:
+            device, dtype = self.keys.device, self.keys.dtype
+            self.keys, self.values = (arrays["keys"].to(device, dtype), arrays["values"].to(device, dtype))
+
     def nbytes(self) -> int:
         held = (self.end - self.offset) * self.keys.shape[1] * self.keys.shape[3] if self.keys.dim() == 4 else 0
         return 2 * held * self.keys.element_size()

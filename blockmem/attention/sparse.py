@@ -293,5 +293,28 @@ class SparseLayer(LayerCache):
                 keys = rotary.unrotate(keys, first)  # stored position-free; rotated when read
             store.append(keys, values, self.method.summarize(keys, values, scores))
 
+    def export_state(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+        memory, store = self.memory, self.memory.store
+        keys, values = memory.window.span()
+        window = memory.window
+        arrays = {"init_keys": memory.init_keys, "init_values": memory.init_values, "window_keys": keys,
+                  "window_values": values, "window_scores": window.scores[:, window.begin:window.end]}
+        if store is not None:
+            arrays.update({f"summary.{name}": store.summary(name) for name in store.summaries})
+        ints = {"length": memory.length, "evicted": memory.evicted, "blocks": store.num_blocks if store else 0}
+        return ints, arrays
+
+    def import_state(self, ints: dict[str, int], arrays: dict[str, torch.Tensor]) -> None:
+        memory, store = self.memory, self.memory.store
+        device, dtype = memory.init_keys.device, memory.init_keys.dtype
+        memory.init_keys = arrays["init_keys"].to(device, dtype)
+        memory.init_values = arrays["init_values"].to(device, dtype)
+        memory.window.append(arrays["window_keys"].to(device, dtype), arrays["window_values"].to(device, dtype))
+        memory.window.add_scores(arrays["window_scores"].to(device))
+        memory.length, memory.evicted = ints["length"], ints["evicted"]
+        if store is not None:
+            store.restore(ints["blocks"], {name.split(".", 1)[1]: tensor.to(device)
+                                           for name, tensor in arrays.items() if name.startswith("summary.")})
+
     def nbytes(self) -> int:
         return self.memory.nbytes()

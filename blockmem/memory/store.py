@@ -38,10 +38,15 @@ class BlockStore:
             if held is None:
                 held = self.summaries[name] = value.new_empty((16, *value.shape))
             elif held.shape[0] == index:
-                held = self.summaries[name] = self._grow_summary(held, 2 * index)
+                held = self.summaries[name] = self._grow_summary(held, max(16, 2 * index))
             held[index] = value
         self.num_blocks += 1
         return index
+
+    def restore(self, num_blocks: int, summaries: dict[str, torch.Tensor]) -> None:
+        """Adopt `num_blocks` blocks already in the tiers (a saved memory's) and their summaries."""
+        self.num_blocks = num_blocks
+        self.summaries = {name: s.clone() for name, s in summaries.items()}
 
     def pages(self, ids: list[int]) -> torch.Tensor:
         return self.tiers.fetch(self.layer, ids)
