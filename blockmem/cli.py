@@ -38,9 +38,10 @@ Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop when this t
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")]
 Dtype = Annotated[str, typer.Option(help="Weight and activation dtype: float32, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto picks a GPU when torch sees one.")]
-Method = Annotated[str, typer.Option(help="Attention method: dense (exact, limited to the model's trained context), "
+Method = Annotated[str | None, typer.Option(help="Attention method: dense (exact, limited to the model's trained context), "
                                      "streaming, infllm, blocksparse, nosa or quest (block memory: any length). "
-                                     "Unset method options below keep the method's default.")]
+                                     "Unset method options below keep the method's default. Default: dense "
+                                     "(with --memory: the memory's method).")]
 _METHOD_HELP = "Method option (block-memory methods)."
 BlockSize = Annotated[int | None, typer.Option(help=f"{_METHOD_HELP} Tokens per memory block.")]
 TopK_ = Annotated[int | None, typer.Option("--topk", help=f"{_METHOD_HELP} Blocks read per query step.")]
@@ -108,20 +109,11 @@ def _tier_config(ram_budget: str | None, device_budget: str | None, spill_dir: P
 
 def _setup(model: str | None, dtype: str, device: str, threads: int | None, method: str, chunk: int,
            options: dict[str, Any] | None = None, tiers: Any = None) -> Any:
-    import torch
-
     from blockmem.attention import create_method
     from blockmem.engine import Engine
-    from blockmem.model.loader import load
 
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
-    chosen = create_method(method, **{k: v for k, v in (options or {}).items() if v is not None})
-    with err.status(f"loading {model or 'smollm2-135m'} ...", spinner="dots"):
-        loaded = load(model, dtype=dtype, device=device)
-    return Engine(loaded, method=chosen, prefill_chunk=chunk, tiers=tiers)
+    chosen = create_method(method or "dense", **{k: v for k, v in (options or {}).items() if v is not None})
+    return Engine(_load(model, dtype, device, threads), method=chosen, prefill_chunk=chunk, tiers=tiers)
 
 
 def _method_line(method: dict[str, Any]) -> str:
@@ -184,7 +176,7 @@ def run(
     model: Model = None, max_new_tokens: MaxNew = 256, temperature: Temperature = 0.0, top_k: TopK = 0,
     top_p: TopP = 1.0, seed: Seed = None, stop: Stop = None, system: System = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: continue the prompt as plain text.")] = False,
-    method: Method = "dense", block_size: BlockSize = None, topk: TopK_ = None, n_init: NInit = None,
+    method: Method = None, block_size: BlockSize = None, topk: TopK_ = None, n_init: NInit = None,
     n_local: NLocal = None, position: PositionOpt = None, repr_keys: ReprKeys = None, per_head: PerHead = None,
     switch_length: Switch = None, pool_kernel: PoolKernel = None, pool_stride: PoolStride = None,
     agnostic_fraction: Agnostic = None, importance: Importance = None, exec_size: ExecSize = None,
@@ -193,6 +185,9 @@ def run(
     threads: Threads = None, dtype: Dtype = "float32", device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, stats, method settings and "
                                           "selection telemetry) instead of streaming.")] = False,
+    memory: Annotated[Path | None, typer.Option("--memory", help="Answer from a saved memory (.bmem, made by "
+                                                "`blockmem memory build`) instead of reading documents again; "
+                                                "its method and settings are used.")] = None,
 ) -> None:
     """Answer one prompt (optionally about documents), streaming the answer, then a stats line."""
     from blockmem.engine import SamplingParams
@@ -204,6 +199,15 @@ def run(
                    pool_stride=pool_stride, agnostic_fraction=agnostic_fraction, importance=importance,
                    exec_size=exec_size)
     tiers = _tier_config(ram_budget, device_budget, spill_dir, storage_dtype, keep_important)
+    if memory is not None:
+        if file:
+            raise ConfigError("--file and --memory do not mix", "add the documents with `blockmem memory extend`")
+        if system:
+            raise ConfigError("--system does not apply to --memory (the memory's prompt is fixed when it is built)",
+                              "pass --system to `blockmem memory build`")
+        _ask_memory(memory, question or prompt, model, dtype, device, threads, method, options, tiers, raw, params,
+                    as_json)
+        return
     engine = _setup(model, dtype, device, threads, method, chunk_size, options, tiers)
     chat = engine.model.has_chat_template
     text = _compose(prompt, list(file or []), question, raw, chat)
@@ -219,9 +223,13 @@ def run(
             if not as_json:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-    completion = stream.completion
+    _finish(stream.completion, engine.model.name, as_json)
+
+
+def _finish(completion: Any, model_name: str, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+    """After streaming: the JSON record, or a newline and the stats lines on stderr."""
     if as_json:
-        record = {"model": engine.model.name, **completion.to_dict()}
+        record = {"model": model_name, **(extra or {}), **completion.to_dict()}
         sys.stdout.write(json.dumps(record) + "\n")
         return
     sys.stdout.write("\n")
@@ -229,6 +237,51 @@ def run(
     for line in (_method_line(completion.method), completion.stats.tier_summary()):
         if line:
             err.print(f"[dim]{line}[/dim]")
+
+
+def _load(model: str | None, dtype: str, device: str, threads: int | None) -> Any:
+    import torch
+
+    from blockmem.model.loader import load
+
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    with err.status(f"loading {model or 'smollm2-135m'} ...", spinner="dots"):
+        return load(model, dtype=dtype, device=device)
+
+
+def _ask_memory(path: Path, question: str | None, model: str | None, dtype: str, device: str, threads: int | None,
+                method: str | None, options: dict[str, Any], tiers: Any, raw: bool, params: Any,
+                as_json: bool) -> None:
+    from blockmem.engine.saved import SavedMemory, check_method
+    from blockmem.memory.persist import MemoryFile
+
+    if question is None and not sys.stdin.isatty():
+        question = sys.stdin.read()
+    if not question:
+        raise ConfigError("nothing to ask the memory", "give a PROMPT, --question or text on stdin")
+    header = MemoryFile(path).header  # fails fast on a bad file, before the model loads
+    check_method(header["method"], method, options)
+    if tiers.storage_dtype is not None and str(tiers.storage_dtype).split(".")[-1] != header["storage_dtype"]:
+        raise ConfigError(f"the memory stores blocks as {header['storage_dtype']}; --storage-dtype cannot change that")
+    loaded = _load(model or _memory_model(header), dtype, device, threads)
+    saved = SavedMemory.open(path, loaded, tiers)
+    stream = saved.stream(question, raw=raw, params=params)
+    for piece in stream:
+        if not as_json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    _finish(stream.completion, loaded.name, as_json, {"memory": str(path)})
+
+
+def _memory_model(header: dict[str, Any]) -> str | None:
+    """The catalog name a memory was built with, so `--model` can be left out for packaged models."""
+    from blockmem.model.catalog import CATALOG
+
+    name = header["model"]["name"]
+    return name if name in CATALOG else None
 
 
 @app.command()
@@ -275,6 +328,146 @@ def chat(model: Model = None, system: System = None, max_new_tokens: MaxNew = 51
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": stream.completion.text.strip()})
         err.print(f"[dim]{stream.completion.stats.summary()}[/dim]")
+
+
+memory_app = typer.Typer(help="Read documents once into a saved memory (.bmem), then ask it questions with "
+                         "`blockmem run --memory NAME.bmem QUESTION`.", no_args_is_help=True)
+app.add_typer(memory_app, name="memory")
+MemoryPath = Annotated[Path, typer.Argument(help="The saved memory (.bmem file).")]
+Docs = Annotated[list[Path], typer.Argument(help="UTF-8 text files, read in this order.", show_default=False)]
+
+
+def _prefill_bar(label: str) -> tuple[Progress, Callable[[int, int], None]]:
+    progress = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
+                        TimeRemainingColumn(), console=err, transient=True)
+    task = progress.add_task(label, total=None)
+    return progress, lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def _memory_line(path: Path, memory: Any, seconds: float, new_tokens: int) -> str:
+    info = memory.info()
+    rate = f", {new_tokens / seconds:.0f} tok/s" if seconds > 0 else ""
+    return (f"{path}: {info['tokens']} tokens in {len(info['documents'])} document(s), {info['blocks']} blocks, "
+            f"{info['file_bytes'] / 2**20:.1f} MiB ({info['method']['name']}; read {new_tokens} tokens in "
+            f"{seconds:.1f} s{rate})")
+
+
+@memory_app.command("build")
+@_friendly
+def memory_build(
+    documents: Docs,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the memory, e.g. book.bmem.")],
+    model: Model = None, method: Annotated[str, typer.Option(help="Block-memory method the memory is built and read "
+                                                             "with (see `blockmem run --help`).")] = "infllm",
+    block_size: BlockSize = None, topk: TopK_ = None, n_init: NInit = None, n_local: NLocal = None,
+    position: PositionOpt = None, repr_keys: ReprKeys = None, per_head: PerHead = None, switch_length: Switch = None,
+    pool_kernel: PoolKernel = None, pool_stride: PoolStride = None, agnostic_fraction: Agnostic = None,
+    importance: Importance = None, exec_size: ExecSize = None, chunk_size: Chunk = 1024,
+    ram_budget: RamBudget = None, spill_dir: SpillDir = None, storage_dtype: StorageDtype = None,
+    raw: Annotated[bool, typer.Option("--raw", help="No chat template: questions continue the text as "
+                                      "'Question: ... Answer:'.")] = False,
+    system: System = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    threads: Threads = None, dtype: Dtype = "float32", device: Device = "auto",
+) -> None:
+    """Read documents into a new saved memory (one prefill, then any number of questions)."""
+    import time
+
+    from blockmem.attention import create_method
+    from blockmem.engine.saved import SavedMemory, documents_from_files
+
+    if output.exists() and not force:
+        raise ConfigError(f"{output} exists", "pass --force to replace it, or `blockmem memory extend` to add to it")
+    if output.suffix != ".bmem":
+        raise ConfigError(f"name the memory NAME.bmem, not {output.name}")
+    docs = documents_from_files(documents)
+    options = dict(block_size=block_size, topk=topk, n_init=n_init, n_local=n_local, position=position,
+                   repr_keys=repr_keys, per_head=per_head, switch_length=switch_length, pool_kernel=pool_kernel,
+                   pool_stride=pool_stride, agnostic_fraction=agnostic_fraction, importance=importance,
+                   exec_size=exec_size)
+    chosen = create_method(method, **{k: v for k, v in options.items() if v is not None})
+    tiers = _tier_config(ram_budget, None, spill_dir, storage_dtype, False)
+    loaded = _load(model, dtype, device, threads)
+    progress, update = _prefill_bar("reading")
+    started = time.perf_counter()
+    with progress:
+        memory = SavedMemory.build(loaded, docs, output, chosen, prefill_chunk=chunk_size, tiers=tiers, raw=raw,
+                                   system=system, on_progress=update)
+    err.print(_memory_line(output, memory, time.perf_counter() - started, memory.tokens))
+
+
+@memory_app.command("extend")
+@_friendly
+def memory_extend(path: MemoryPath, documents: Docs, model: Model = None, ram_budget: RamBudget = None,
+                  spill_dir: SpillDir = None, threads: Threads = None, dtype: Dtype = "float32",
+                  device: Device = "auto") -> None:
+    """Append documents to a saved memory (rewritten atomically: the old one stays valid until done)."""
+    import time
+
+    from blockmem.engine.saved import SavedMemory, documents_from_files
+    from blockmem.memory.persist import MemoryFile
+
+    header = MemoryFile(path).header
+    docs = documents_from_files(documents)
+    loaded = _load(model or _memory_model(header), dtype, device, threads)
+    memory = SavedMemory.open(path, loaded, _tier_config(ram_budget, None, spill_dir, None, False))
+    before = memory.tokens
+    progress, update = _prefill_bar("reading")
+    started = time.perf_counter()
+    with progress:
+        memory.extend(docs, on_progress=update)
+    err.print(_memory_line(path, memory, time.perf_counter() - started, memory.tokens - before))
+
+
+@memory_app.command("info")
+@_friendly
+def memory_info(path: MemoryPath, as_json: Annotated[bool, typer.Option("--json", help="Print the header fields "
+                                                                        "as JSON.")] = False) -> None:
+    """What a saved memory holds: model, method and settings, documents, size."""
+    from blockmem.memory.persist import MemoryFile
+
+    header = MemoryFile(path).header
+    info = {key: header[key] for key in ("format", "version", "blockmem", "created", "model", "tokenizer",
+                                         "compute_dtype", "storage_dtype", "method", "prefill_chunk", "documents",
+                                         "tokens", "file_bytes")}
+    info["blocks"] = sum(layer.get("blocks", 0) for layer in header["layers"])
+    info["prompt_style"] = header["prompt"]["style"]
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    options = ", ".join(f"{k}={v}" for k, v in info["method"]["options"].items())
+    lines = [f"memory    {path} (format {info['version']}, blockmem {info['blockmem']}, {info['created']})",
+             f"model     {info['model']['name']} ({info['model']['family']}, {info['model']['layers']} layers, "
+             f"{info['compute_dtype']}; fingerprint {info['model']['fingerprint']})",
+             f"method    {info['method']['name']} ({options}; prefill chunk {info['prefill_chunk']})",
+             f"storage   {info['storage_dtype']} blocks: {info['blocks']} over all layers, "
+             f"{info['file_bytes'] / 2**20:.1f} MiB on disk",
+             f"prompt    {info['prompt_style']}",
+             f"tokens    {info['tokens']} in {len(info['documents'])} document(s):"]
+    lines += [f"          {doc['name']}: {doc['tokens']} tokens" for doc in info["documents"]]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+@memory_app.command("verify")
+@_friendly
+def memory_verify(path: MemoryPath, model: Annotated[str | None, typer.Option("--model", "-m", help="Also check "
+                                                                              "that the memory fits this model.")] = None,
+                  dtype: Dtype = "float32") -> None:
+    """Check every checksum of a saved memory (and, with --model, that it fits the model)."""
+    from blockmem.memory import persist
+
+    file = persist.MemoryFile(path)
+    if model is not None:
+        loaded = _load(model, dtype, "cpu", None)
+        file.check_match(persist.model_fingerprint(loaded.config, loaded.path),
+                         persist.tokenizer_fingerprint(loaded.tokenizer), loaded.decoder.dtype, loaded.name)
+    progress = Progress(TextColumn("verifying"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
+                        console=err, transient=True)
+    task = progress.add_task("verify", total=None)
+    with progress:
+        checked = file.verify(lambda done, total: progress.update(task, completed=done, total=total))
+    sys.stdout.write(f"ok: {path} is intact ({checked / 2**20:.1f} MiB checked"
+                     f"{', fits ' + model if model else ''})\n")
 
 
 @app.command()

@@ -84,14 +84,75 @@ def test_chat_session(model_dir) -> None:
 
 def test_every_flag_has_help() -> None:
     command = typer.main.get_command(app)
-    for name in COMMANDS:
-        sub = command.commands[name]
+    memory = command.commands["memory"]
+    subs = [([name], command.commands[name]) for name in COMMANDS]
+    subs += [(["memory", name], memory.commands[name]) for name in ("build", "extend", "info", "verify")]
+    for path, sub in subs:
         assert sub.help
         for param in sub.params:
-            if param.param_type_name == "option":
-                assert param.help, f"{name} {param.opts} has no help"
-        result = invoke([name, "--help"])
+            if param.param_type_name in ("option", "argument") and param.name != "help":
+                assert getattr(param, "help", None), f"{path} {param.name} has no help"
+        result = invoke([*path, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+MEMORY_OPTIONS = ["--block-size", "8", "--n-init", "4", "--n-local", "16", "--topk", "2", "--chunk-size", "32"]
+
+
+def test_memory_build_info_run_extend_verify(model_dir, tmp_path) -> None:
+    doc, more = tmp_path / "doc.txt", tmp_path / "more.txt"
+    doc.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    more.write_text("Paris is the capital of France. " * 10)
+    path = str(tmp_path / "doc.bmem")
+    built = invoke(["memory", "build", str(doc), "-o", path, "-m", model_dir, *MEMORY_OPTIONS])
+    assert built.exit_code == 0, built.output
+    assert re.search(r"doc.bmem: \d+ tokens in 1 document\(s\), \d+ blocks", built.stderr)
+    info = json.loads(invoke(["memory", "info", path, "--json"]).stdout)
+    assert info["method"]["name"] == "infllm" and info["method"]["options"]["topk"] == 2
+    assert info["documents"][0]["name"] == "doc.txt" and info["blocks"] > 0
+    assert "tokens    " in invoke(["memory", "info", path]).stdout
+    asked = invoke(["run", "--memory", path, "-m", model_dir, "-n", "3", "--json", "--ram-budget", "64KB",
+                    "--spill-dir", str(tmp_path), "Where is the fox?"])
+    assert asked.exit_code == 0, asked.output
+    record = json.loads(asked.stdout)
+    assert record["memory"] == path and record["stats"]["memory_tokens"] == info["tokens"]
+    assert record["stats"]["tiers"]["ram"]["budget_bytes"] == 64000
+    text = invoke(["run", "--memory", path, "-m", model_dir, "-n", "3", "Where is the fox?"])
+    assert text.exit_code == 0 and "memory " in text.stderr and "tiers:" in text.stderr
+    extended = invoke(["memory", "extend", path, str(more), "-m", model_dir])
+    assert extended.exit_code == 0, extended.output
+    assert json.loads(invoke(["memory", "info", path, "--json"]).stdout)["tokens"] > info["tokens"]
+    verified = invoke(["memory", "verify", path, "-m", model_dir])
+    assert verified.exit_code == 0 and verified.stdout.startswith("ok: ")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["memory", "build", "{doc}", "-o", "{path}"], "exists"),
+    (["memory", "build", "{doc}", "-o", "{dir}/x.txt"], "name the memory NAME.bmem"),
+    (["memory", "build", "{dir}/none.txt", "-o", "{dir}/n.bmem"], "document not found"),
+    (["memory", "info", "{dir}/none.bmem"], "memory not found"),
+    (["memory", "verify", "{doc}"], "not a blockmem memory file"),
+    (["run", "--memory", "{path}", "--method", "quest", "q"], "built with --method infllm, not quest"),
+    (["run", "--memory", "{path}", "--topk", "5", "q"], "built with --topk 2, not 5"),
+    (["run", "--memory", "{path}", "-f", "{doc}", "q"], "--file and --memory do not mix"),
+    (["run", "--memory", "{path}", "--ram-budget", "lots", "q"], "cannot read 'lots' as a size"),
+    (["run", "--memory", "{path}", "--ram-budget", "1KB", "q"], "smaller than one block"),
+    (["run", "--memory", "{path}", "--dtype", "bfloat16", "q"], "--dtype float32"),
+    (["run", "--method", "dense", "--ram-budget", "1GB", "q"], "budgets apply to block-memory methods"),
+    (["run", "--spill-dir", "{dir}", "q"], "--spill-dir needs --ram-budget"),
+])
+def test_memory_bad_input_is_one_clear_line(model_dir, tmp_path, args, message) -> None:
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Some text to remember. " * 20)
+    path = tmp_path / "m.bmem"
+    assert invoke(["memory", "build", str(doc), "-o", str(path), "-m", model_dir, *MEMORY_OPTIONS]).exit_code == 0
+    args = [a.format(doc=doc, path=path, dir=tmp_path) for a in args]
+    result = invoke([*args, "-m", model_dir] if args[0] != "memory" or args[1] != "info" else args)
+    if args[:2] == ["memory", "verify"]:
+        result = invoke(args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr
 
 
 def test_models_lists_catalog() -> None:
