@@ -112,13 +112,18 @@ class SavedMemory:
             return tokenizer.encode(f"\n\n{question}{prompt['tail']}", special=False)
         return tokenizer.encode(f"\n\nQuestion: {question}\nAnswer:", special=False)
 
-    def stream(self, question: str, *, raw: bool = False, params: SamplingParams | None = None,
-               **sampling: Any) -> Stream:
+    def stream(self, question: str, *, raw: bool = False, preload: bool = False,
+               params: SamplingParams | None = None, **sampling: Any) -> Stream:
+        """Answer `question`, yielding text. `preload` reads every block into RAM first (when RAM
+        holds them all, later steps never wait for the disk)."""
         params = replace(params or SamplingParams(), **sampling)
         ids = self.question_ids(question, raw)
         if not ids:
             raise ConfigError("the question is empty")
-        return Stream(self.engine._run(ids, params, None, cache=self.restore()))
+        cache = self.restore()
+        if preload and cache.tiers is not None:
+            cache.tiers.preload()
+        return Stream(self.engine._run(ids, params, None, cache=cache))
 
     def ask(self, question: str, **kwargs: Any) -> Completion:
         stream = self.stream(question, **kwargs)

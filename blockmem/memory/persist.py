@@ -155,9 +155,12 @@ def write(path: Path, plan: Plan, progress: Callable[[int, int], None] | None = 
         layout.append((f"blocks.{layer}.crc32", count * 4))
     header["arrays"] = offsets
     header["complete"] = False
-    header["file_bytes"] = 0
+    widest = 10 ** 15  # placeholders as wide as any real offset, so the final header is no longer
+    header["file_bytes"] = widest
+    for entry in offsets.values():
+        entry["offset"] = widest
     draft = json.dumps(header).encode()
-    reserved = _align(len(draft) + 4096 + PREAMBLE.size) - PREAMBLE.size
+    reserved = _align(len(draft) + 1024 + PREAMBLE.size) - PREAMBLE.size
     cursor = PREAMBLE.size + reserved
     for name, size in layout:
         offsets[name]["offset"] = cursor

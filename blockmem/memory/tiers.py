@@ -353,6 +353,21 @@ class Tiers:
             return self._index(self.host.pages, host_slots)
         return self._to_device(keys, host_slots)
 
+    def preload(self) -> None:
+        """Read every block on disk into the host pool (it must hold them all)."""
+        if self.disk is None:
+            return
+        counts = dict(self.disk.base.counts) if self.disk.base else {}
+        for layer, count in self.disk.counts.items():
+            counts[layer] = counts.get(layer, 0) + count
+        if self.host.budget is not None and sum(counts.values()) > self.host.capacity:
+            raise ConfigError(f"preloading needs {format_size(sum(counts.values()) * self.page_bytes)} of RAM, more "
+                              f"than --ram-budget {format_size(self.host.budget)}", "raise or drop the RAM budget")
+        for layer, count in counts.items():
+            self._ensure_host([(layer, index) for index in range(count)])
+        self.host.hits = self.host.misses = 0
+        self.disk.bytes_read = 0
+
     def _index(self, pages: torch.Tensor, slots: list[int]) -> torch.Tensor:
         picked = pages.index_select(0, torch.tensor(slots, device=pages.device))
         return picked if picked.dtype == self.dtype else picked.to(self.dtype)
