@@ -210,13 +210,17 @@ def cmd_decode(args: argparse.Namespace) -> None:
 
 
 def cmd_passkey(args: argparse.Namespace) -> None:
-    right = 0
-    for trial in range(args.trials):
-        path = args.workdir / f"passkey-{trial}.bmem"
-        step(args, "build", args.length, path, trial=trial, ram_budget=args.ram_budget)
-        ask = step(args, "ask", args.length, path, trial=trial, ram_budget=args.ram_budget)
-        right += bool(ask["correct"])
+    from concurrent.futures import ThreadPoolExecutor
+
+    def trial(index: int) -> bool:
+        path = args.workdir / f"passkey-{index}.bmem"
+        step(args, "build", args.length, path, trial=index, ram_budget=args.ram_budget)
+        ask = step(args, "ask", args.length, path, trial=index, ram_budget=args.ram_budget)
         path.unlink()
+        return bool(ask["correct"])
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # accuracy only: trials may share the machine
+        right = sum(pool.map(trial, range(args.trials)))
     print(f"\npasskey from saved {args.length} memories reopened in a new process ({args.method}): "
           f"{right}/{args.trials}")
 
@@ -233,6 +237,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="ttft: questions asked; decode: repetitions per variant")
     parser.add_argument("--full-reps", type=int, default=1, help="ttft: full prefills (each a whole prefill)")
     parser.add_argument("--trials", type=int, default=10, help="passkey: trials (one memory each)")
+    parser.add_argument("--jobs", type=int, default=1, help="passkey: trials run side by side (accuracy only)")
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per question")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
