@@ -275,3 +275,19 @@ def test_sliding_window_layers_are_saved_too(tiny, tmp_path) -> None:
     expected = _logits_after(engine, cache, question)
     got = _logits_after(memory.engine, memory.restore(), question)
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+def test_preload_reads_every_block_into_ram_once(tiny_llama, saved) -> None:
+    memory = SavedMemory.open(saved, tiny_llama)
+    cache = memory.restore()
+    cache.tiers.host.pages = cache.tiers.host.pages[:0]  # start empty, as after a fresh open
+    cache.tiers.host.free.clear()
+    cache.tiers.preload()
+    blocks = sum(layer.get("blocks", 0) for layer in memory.header["layers"])
+    assert len(cache.tiers.host.table) == blocks == cache.tiers.host.capacity  # one allocation, exact size
+    cache.tiers.check()
+    cache.close()
+    plain = memory.ask(QUESTION, max_new_tokens=5)
+    preloaded = memory.ask(QUESTION, max_new_tokens=5, preload=True)
+    assert plain.token_ids == preloaded.token_ids
+    assert preloaded.stats.tiers["disk"]["bytes_read"] == 0  # every read after the preload hit RAM

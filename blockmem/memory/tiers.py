@@ -155,11 +155,13 @@ class PagePool:
             return min(oldest, key=lambda k: self.uses.get(k, 0))
         return candidates[0]
 
-    def _grow(self) -> None:
-        capacity = max(16, 2 * self.capacity)
+    def _grow(self, capacity: int | None = None) -> None:
+        """Reallocate with room for `capacity` pages (default: double). Pinned host memory is
+        cached by CUDA once freed, so callers that know the final size should ask for it once."""
+        capacity = capacity or max(16, 2 * self.capacity)
         grown = torch.empty((capacity, *self.page_shape), dtype=self.dtype, device=self.device, pin_memory=self.pin)
         grown[: self.capacity] = self.pages
-        self.free = list(range(capacity - 1, self.capacity - 1, -1))
+        self.free = list(range(capacity - 1, self.capacity - 1, -1)) + self.free
         self.pages = grown
 
     def nbytes(self) -> int:
@@ -363,6 +365,9 @@ class Tiers:
         if self.host.budget is not None and sum(counts.values()) > self.host.capacity:
             raise ConfigError(f"preloading needs {format_size(sum(counts.values()) * self.page_bytes)} of RAM, more "
                               f"than --ram-budget {format_size(self.host.budget)}", "raise or drop the RAM budget")
+        needed = sum(counts.values())
+        if self.host.budget is None and self.host.capacity < needed:
+            self.host._grow(needed)  # one allocation of the final size
         for layer, count in counts.items():
             self._ensure_host([(layer, index) for index in range(count)])
         self.host.hits = self.host.misses = 0
