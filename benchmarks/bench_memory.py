@@ -6,6 +6,7 @@ in RAM, and passkey retrieval from saved memories reopened in new processes.
     python benchmarks/bench_memory.py ttft --length 64k
     python benchmarks/bench_memory.py decode --length 128k --methods infllm,blocksparse,nosa
     python benchmarks/bench_memory.py passkey --length 128k --trials 10
+    python benchmarks/bench_memory.py dtype --length 16k --trials 5 --new-tokens 8
 
 The document is a passkey haystack (filler text, trial N of the seed) without its question; the
 question is asked raw ("What is the pass key? The pass key is"). Every build, question and full
@@ -225,9 +226,58 @@ def cmd_passkey(args: argparse.Namespace) -> None:
           f"{right}/{args.trials}")
 
 
+def cmd_dtype(args: argparse.Namespace) -> None:
+    """Storage dtype vs float32 blocks: the first answer token's logits, the greedy answer, the key."""
+    import torch
+
+    import blockmem
+    from blockmem.attention import create_method
+    from blockmem.eval.passkey import make_trial, parse_length
+    from blockmem.memory.tiers import TierConfig
+    from passkey import parse_method
+
+    torch.set_num_threads(args.threads)
+    model = blockmem.load(args.model, device=args.device)
+    name, options = parse_method(args.method)
+    rows = []
+    for index in range(args.trials):
+        trial = make_trial(model.tokenizer, parse_length(args.length), index)
+        ids = model.tokenizer.encode(trial.prompt)
+        results = {}
+        for dtype in ("float32", "float16", "bfloat16"):
+            engine = blockmem.Engine(model, create_method(name, **options),
+                                     tiers=TierConfig(storage_dtype=getattr(torch, dtype)))
+            cache = engine.new_cache()
+            logits = engine.prefill(ids, cache)
+            first = logits.clone()
+            tokens = []
+            for _ in range(args.new_tokens):
+                tokens.append(int(logits.argmax()))
+                logits = engine._forward([tokens[-1]], cache)
+            cache.close()
+            text = model.tokenizer.decode(tokens)
+            results[dtype] = (first, tokens, text)
+        base_logits, base_tokens, _ = results["float32"]
+        for dtype, (first, tokens, text) in results.items():
+            record = {"bench": "dtype", "length": args.length, "trial": index, "storage_dtype": dtype,
+                      "max_logit_diff": round(float((first - base_logits).abs().max()), 5),
+                      "same_tokens": tokens == base_tokens, "answer": text.strip()[:20], "correct": trial.score(text)}
+            rows.append(record)
+            print(json.dumps(record), flush=True)
+            if args.out:
+                with open(args.out, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+    print(f"\n| storage dtype | passkey right | same greedy tokens as float32 | max logit diff, first token "
+          f"(median) |\n|---|---:|---:|---:|")
+    for dtype in ("float32", "float16", "bfloat16"):
+        mine = [r for r in rows if r["storage_dtype"] == dtype]
+        print(f"| {dtype} | {sum(r['correct'] for r in mine)}/{len(mine)} | {sum(r['same_tokens'] for r in mine)}/"
+              f"{len(mine)} | {statistics.median(r['max_logit_diff'] for r in mine):.4f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", choices=["rss", "ttft", "decode", "passkey"])
+    parser.add_argument("command", nargs="?", choices=["rss", "ttft", "decode", "passkey", "dtype"])
     parser.add_argument("--model", default="smollm2-135m", help="short name, .gguf path or HF directory")
     parser.add_argument("--method", default="infllm", help="method spec as in passkey.py, e.g. infllm:topk=8")
     parser.add_argument("--methods", default="infllm,blocksparse,nosa", help="decode: comma-separated methods")
@@ -236,7 +286,7 @@ def main() -> None:
     parser.add_argument("--ram-budget", default=None, help="RAM budget for blocks, e.g. 256MB (rss: default 256MB)")
     parser.add_argument("--reps", type=int, default=3, help="ttft: questions asked; decode: repetitions per variant")
     parser.add_argument("--full-reps", type=int, default=1, help="ttft: full prefills (each a whole prefill)")
-    parser.add_argument("--trials", type=int, default=10, help="passkey: trials (one memory each)")
+    parser.add_argument("--trials", type=int, default=10, help="passkey/dtype: trials (passkey: one memory each)")
     parser.add_argument("--jobs", type=int, default=1, help="passkey: trials run side by side (accuracy only)")
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per question")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -252,12 +302,13 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](args)))
         return
     if args.command is None:
-        parser.error("choose a measurement: rss, ttft, decode or passkey")
+        parser.error("choose a measurement: rss, ttft, decode, passkey or dtype")
     if args.command == "rss" and args.ram_budget is None:
         args.ram_budget = "256MB"
     with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=args.workdir) as scratch:
         args.workdir = Path(scratch)
-        {"rss": cmd_rss, "ttft": cmd_ttft, "decode": cmd_decode, "passkey": cmd_passkey}[args.command](args)
+        {"rss": cmd_rss, "ttft": cmd_ttft, "decode": cmd_decode, "passkey": cmd_passkey,
+         "dtype": cmd_dtype}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -309,8 +309,8 @@ class SparseLayer(LayerCache):
         device, dtype = memory.init_keys.device, memory.init_keys.dtype
         memory.init_keys = arrays["init_keys"].to(device, dtype)
         memory.init_values = arrays["init_values"].to(device, dtype)
-        memory.window.append(arrays["window_keys"].to(device, dtype), arrays["window_values"].to(device, dtype))
-        memory.window.add_scores(arrays["window_scores"].to(device))
+        memory.window.adopt(arrays["window_keys"].to(device, dtype), arrays["window_values"].to(device, dtype),
+                            arrays["window_scores"].to(device))
         memory.length, memory.evicted = ints["length"], ints["evicted"]
         if store is not None:
             store.restore(ints["blocks"], {name.split(".", 1)[1]: tensor.to(device)

@@ -19,7 +19,7 @@ import torch
 
 from blockmem.attention import AttentionMethod, KVCache, create_method
 from blockmem.engine.sampler import Sampler, SamplingParams
-from blockmem.engine.stats import Stats, peak_gpu_bytes, peak_rss_bytes
+from blockmem.engine.stats import Stats, peak_gpu_bytes, peak_rss_bytes, trim_heap
 from blockmem.engine.stops import StopMatcher
 from blockmem.errors import ConfigError, ContextLengthError
 from blockmem.memory.tiers import TierConfig
@@ -117,8 +117,11 @@ class Engine:
     def prefill(self, ids: list[int], cache: KVCache, on_prefill: ProgressFn | None = None) -> torch.Tensor:
         """Feed the prompt in chunks; returns the last position's logits [vocab] float32."""
         logits = torch.empty(0)
+        bounded = cache.tiers is not None and cache.tiers.config.ram_budget is not None
         for start in range(0, len(ids), self.prefill_chunk):
             logits = self._forward(ids[start:start + self.prefill_chunk], cache)
+            if bounded:
+                trim_heap()  # a RAM budget is a promise about RSS: give freed activations back
             if on_prefill is not None:
                 on_prefill(min(start + self.prefill_chunk, len(ids)), len(ids))
         return logits

@@ -33,7 +33,9 @@ class Window:
         size = len(self)
         if self.end + extra <= self.keys.shape[2]:
             return
-        capacity = max(256, 2 * (size + extra))
+        # Room for this append and about as much again (or a quarter of the window): compacting
+        # copies the live span, which is cheap next to attention; doubling held ~2x more RAM.
+        capacity = max(256, size + extra + max(extra, size // 4))
         keys = self.keys.new_empty(*self.keys.shape[:2], capacity, self.keys.shape[3])
         values = self.values.new_empty(keys.shape)
         scores = self.scores.new_zeros(self.scores.shape[0], capacity)
@@ -42,6 +44,14 @@ class Window:
         scores[:, :size] = self.scores[:, self.begin:self.end]
         self.keys, self.values, self.scores = keys, values, scores
         self.begin, self.end = 0, size
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> None:
+        """Take these tensors (a restored window, [1, Hkv, T, D] and [Hkv, T]) as the buffer,
+        without copying; an empty window only."""
+        if len(self) or self.keys.shape[2]:
+            raise AssertionError("adopt() restores an empty window")
+        self.keys, self.values, self.scores = keys.contiguous(), values.contiguous(), scores.contiguous()
+        self.begin, self.end = 0, keys.shape[2]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys, values: [1, Hkv, T, D]."""
