@@ -291,3 +291,21 @@ def test_preload_reads_every_block_into_ram_once(tiny_llama, saved) -> None:
     preloaded = memory.ask(QUESTION, max_new_tokens=5, preload=True)
     assert plain.token_ids == preloaded.token_ids
     assert preloaded.stats.tiers["disk"]["bytes_read"] == 0  # every read after the preload hit RAM
+
+
+def test_nosa_reads_its_query_agnostic_blocks_ahead(tiny_llama, tmp_path) -> None:
+    path = tmp_path / "n.bmem"
+    memory = _build(tiny_llama, path, method="nosa")
+    question = memory.question_ids(QUESTION)
+    plain = SavedMemory.open(path, tiny_llama, TierConfig(ram_budget=8 * 2 * 2 * 8 * 16 * 4, spill_dir=str(tmp_path)))
+    reference = _logits_after(plain.engine, plain.restore(), question)
+    ahead = SavedMemory.open(path, tiny_llama, TierConfig(ram_budget=8 * 2 * 2 * 8 * 16 * 4, spill_dir=str(tmp_path)))
+    cache = ahead.restore()  # restoring asks the tiers to read the agnostic blocks ahead
+    cache.tiers.wait_prefetch()
+    wanted = {(layer, i) for layer in range(3)
+              for i in ahead.method.read_ahead(cache.layers[layer].memory.store, cache.layers[layer].spec)}
+    assert wanted and cache.tiers.prefetched > 0
+    assert any(key in cache.tiers.host.table for key in wanted)
+    cache.tiers.check()
+    got = _logits_after(ahead.engine, cache, question)
+    assert all(torch.equal(a, b) for a, b in zip(reference, got))  # reading ahead changes nothing computed

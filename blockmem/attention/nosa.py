@@ -43,6 +43,13 @@ class NosaMethod(BlockSparseMethod):
         importance = scores.sum(dim=1) if self.importance == "mass" else values.float().norm(dim=-1).mean(dim=1)
         return {**super().summarize(keys, values, scores), "importance": importance}  # importance: [Hkv]
 
+    def read_ahead(self, store: BlockStore, spec: LayerSpec) -> list[int]:
+        """The query-agnostic blocks of every head: known before any query arrives."""
+        agnostic_k = round(self.topk * self.agnostic_fraction)
+        if not agnostic_k:
+            return []
+        return sorted(set(top_blocks(store.summary("importance").t(), agnostic_k).flatten().tolist()))
+
     def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
         if length < self.switch_length:
             return torch.arange(store.num_blocks, device=q.device).expand(spec.num_kv_heads, -1)

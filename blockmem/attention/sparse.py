@@ -100,6 +100,11 @@ class SparseMethod(AttentionMethod):
         """Summaries of one block leaving the window. keys (as stored), values: [Hkv, block, D];
         scores: [Hkv, block] attention mass each token received while in the window."""
 
+    def read_ahead(self, store: BlockStore, spec: LayerSpec) -> list[int]:
+        """Blocks this method will read whatever the query: the tiers read them from disk ahead of
+        use when a saved memory is opened. None by default."""
+        return []
+
     @abstractmethod
     def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
         """Block ids to read: [Hkv, k], sorted per head. q: [1, Hq, T, D], rotated as the memory
@@ -315,6 +320,8 @@ class SparseLayer(LayerCache):
         if store is not None:
             store.restore(ints["blocks"], {name.split(".", 1)[1]: tensor.to(device)
                                            for name, tensor in arrays.items() if name.startswith("summary.")})
+            if store.num_blocks > self.method.topk:
+                store.tiers.prefetch([(self.spec.index, i) for i in self.method.read_ahead(store, self.spec)])
 
     def nbytes(self) -> int:
         return self.memory.nbytes()

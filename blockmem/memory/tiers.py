@@ -18,7 +18,8 @@ The tier contract, which both store kinds follow:
 Lifecycle: a block is written once by `Tiers.append` into the coldest tier that keeps blocks
 (disk if there is one, else host RAM, else the device when no budget is set at all) and into the
 warmer caches; `Tiers.fetch` finds each requested block in the warmest tier holding it and copies
-it warmer; caches evict to stay inside their budgets; `Tiers.close` removes the spill files.
+it warmer; `Tiers.prefetch` reads blocks a method will want into RAM on a background thread;
+caches evict to stay inside their budgets; `Tiers.close` removes the spill files.
 Every copy between tiers is counted (`Tiers.stats`).
 """
 
@@ -29,9 +30,11 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import weakref
 import zlib
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,12 +324,24 @@ class Tiers:
         self._copies_done: torch.cuda.Event | None = None  # last host->device copy batch
         self.bytes_to_compute = 0  # pages copied to the compute device's working set
         self.blocks_fetched = 0
+        # Read-ahead: one background thread reads blocks from disk into a staging page (holding
+        # only the disk lock), then inserts them into the host pool under the pool lock, which
+        # every fetch and append also holds.
+        self._lock = threading.RLock()
+        self._disk_lock = threading.Lock()
+        self._reader: ThreadPoolExecutor | None = None
+        self._reads: list[Future] = []
+        self.prefetched = 0
 
     # -- writing ---------------------------------------------------------------------------------
     def append(self, layer: int, index: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Block `index` of `layer` (blocks of a layer arrive in order). keys, values: [Hkv, block, D]."""
         page = torch.stack([keys, values]).to(self.storage_dtype)
         key = (layer, index)
+        with self._lock:
+            self._append(key, page)
+
+    def _append(self, key: Key, page: torch.Tensor) -> None:
         if self.disk is not None:
             if self.disk.lookup(key) is not None:
                 return  # already on disk: a saved memory's block
@@ -344,6 +359,10 @@ class Tiers:
     def fetch(self, layer: int, ids: list[int]) -> torch.Tensor:
         """Pages of blocks `ids` of `layer` on the compute device in the compute dtype:
         [len(ids), 2, Hkv, block, D]."""
+        with self._lock:
+            return self._fetch(layer, ids)
+
+    def _fetch(self, layer: int, ids: list[int]) -> torch.Tensor:
         self.blocks_fetched += len(ids)
         self.bytes_to_compute += len(ids) * self.page_bytes
         if self.pages_on_device:
@@ -365,11 +384,13 @@ class Tiers:
         if self.host.budget is not None and sum(counts.values()) > self.host.capacity:
             raise ConfigError(f"preloading needs {format_size(sum(counts.values()) * self.page_bytes)} of RAM, more "
                               f"than --ram-budget {format_size(self.host.budget)}", "raise or drop the RAM budget")
+        self.wait_prefetch()
         needed = sum(counts.values())
         if self.host.budget is None and self.host.capacity < needed:
             self.host._grow(needed)  # one allocation of the final size
-        for layer, count in counts.items():
-            self._ensure_host([(layer, index) for index in range(count)])
+        with self._lock:
+            for layer, count in counts.items():
+                self._ensure_host([(layer, index) for index in range(count)])
         self.host.hits = self.host.misses = 0
         self.disk.bytes_read = 0
 
@@ -388,9 +409,47 @@ class Tiers:
                     raise AssertionError(f"block {key} is in no tier")
                 self._host_write_barrier()
                 slot = self.host.reserve(key, wanted)
-                self.disk.load(key, self.host.pages[slot])
+                with self._disk_lock:
+                    self.disk.load(key, self.host.pages[slot])
             slots.append(slot)
         return slots
+
+    def prefetch(self, keys: list[Key]) -> None:
+        """Read these blocks from disk into RAM in the background, so the fetch that wants them
+        finds them there (a method calls this with blocks it will read whatever the query, such as
+        NOSA's query-agnostic ones). Never blocks; does nothing without a disk tier."""
+        if self.disk is None or not keys:
+            return
+        with self._lock:
+            todo = [key for key in keys if key not in self.host.table and self.disk.lookup(key) is not None]
+        if self.host.budget is not None:
+            todo = todo[: self.host.capacity // 2]  # never crowd out more than half the pool
+        if not todo:
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="blockmem-prefetch")
+        self._reads.append(self._reader.submit(self._read_ahead, todo))
+
+    def _read_ahead(self, keys: list[Key]) -> None:
+        staging = torch.empty(self.page_shape, dtype=self.storage_dtype)
+        for key in keys:
+            with self._lock:
+                if key in self.host.table:
+                    continue
+            with self._disk_lock:
+                self.disk.load(key, staging)
+            with self._lock:
+                if key in self.host.table:
+                    continue
+                self._host_write_barrier()
+                self.host.store(key, staging)
+                self.prefetched += 1
+
+    def wait_prefetch(self) -> None:
+        """Block until every read-ahead issued so far is done (re-raising its error, if any)."""
+        reads, self._reads = self._reads, []
+        for read in reads:
+            read.result()
 
     def _host_write_barrier(self) -> None:
         """Before a pinned host page is overwritten, let copies still reading it finish."""
@@ -445,6 +504,9 @@ class Tiers:
         return self.host.budget is None and key in self.host.table
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._reader = None
         if self.disk is not None:
             self.disk.close()
 
@@ -475,6 +537,7 @@ class Tiers:
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"page_bytes": self.page_bytes, "storage_dtype": str(self.storage_dtype).split(".")[-1],
                                "blocks_fetched": self.blocks_fetched, "bytes_to_compute": self.bytes_to_compute,
+                               "prefetched_blocks": self.prefetched,
                                "bytes_moved": self.bytes_moved()}
         out[self.host.name] = self.host.summary()
         if self.device_pool is not None:
