@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from blockmem.errors import MemoryFileError
-from blockmem.memory.tiers import BaseBlocks
+from blockmem.memory.tiers import BaseBlocks, release
 
 MAGIC = b"BMEM"
 VERSION = 1
@@ -281,7 +281,9 @@ class MemoryFile:
         dtype = DTYPES[entry["dtype"]]
         if not len(data):
             return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(entry["shape"])
+        copy = bytearray(data)
+        release(self.mapping, entry["offset"], len(data))
+        return torch.frombuffer(copy, dtype=dtype).reshape(entry["shape"])
 
     def base_blocks(self) -> BaseBlocks:
         offsets, counts, crcs = {}, {}, {}
@@ -305,7 +307,9 @@ class MemoryFile:
         for layer, count in base.counts.items():
             for index in range(count):
                 offset = base.offsets[layer] + index * page
-                if zlib.crc32(memoryview(self.mapping)[offset:offset + page]) != base.crcs[layer][index]:
+                crc = zlib.crc32(memoryview(self.mapping)[offset:offset + page])
+                release(self.mapping, offset, page)
+                if crc != base.crcs[layer][index]:
                     raise MemoryFileError(f"{self.path}: block {index} of layer {layer} fails its checksum "
                                           "(the file is corrupt)", _REBUILD)
                 done += 1

@@ -262,6 +262,7 @@ class DiskStore:
                                           "(the file is corrupt)", "rebuild the memory with `blockmem memory build`")
                 self.verified.add(key)
             target[:] = source
+            release(base.mapping, offset, self.page_bytes)
         else:
             spill = index - self._base_count(layer)
             done = os.preadv(self.files[layer], [target], spill * self.page_bytes)
@@ -279,6 +280,16 @@ class DiskStore:
         return {"spilled_blocks": sum(self.counts.values()), "saved_blocks": sum(self.base.counts.values()) if
                 self.base else 0, "bytes_written": self.bytes_written, "bytes_read": self.bytes_read,
                 "spill_dir": str(self.root)}
+
+
+def release(mapping: mmap.mmap, offset: int, size: int) -> None:
+    """Drop pages of a read-only mapping from this process's RSS once copied out (the OS page
+    cache keeps them): otherwise every block ever read from a saved memory counts as resident."""
+    start = offset - offset % mmap.PAGESIZE
+    try:
+        mapping.madvise(mmap.MADV_DONTNEED, start, offset + size - start)
+    except (AttributeError, OSError, ValueError):  # platforms without madvise: RSS only
+        pass
 
 
 def _bytes_view(page: torch.Tensor) -> memoryview:
