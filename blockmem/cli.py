@@ -127,15 +127,9 @@ def _method_line(method: dict[str, Any]) -> str:
 
 
 def _read_documents(files: list[Path]) -> str:
-    parts = []
-    for path in files:
-        if not path.is_file():
-            raise ConfigError(f"document not found: {path}")
-        try:
-            parts.append(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path} is not UTF-8 text", "convert it to UTF-8 plain text first") from None
-    return "\n\n".join(parts)
+    from blockmem.engine.saved import documents_from_files
+
+    return "\n\n".join(text for _, text in documents_from_files(files))
 
 
 def _compose(prompt: str | None, files: list[Path], question: str | None, raw: bool, chat: bool) -> str:
@@ -155,15 +149,12 @@ def _compose(prompt: str | None, files: list[Path], question: str | None, raw: b
     return question
 
 
-def _progress(total_hint: int) -> tuple[Progress, Callable[[int, int], None]]:
-    progress = Progress(TextColumn("prefill"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
+def _progress(label: str, total: int | None = None) -> tuple[Progress, Callable[[int, int], None]]:
+    """A transient token progress bar on stderr and its (done, total) update callback."""
+    progress = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
                         TimeRemainingColumn(), console=err, transient=True)
-    task = progress.add_task("prefill", total=total_hint)
-
-    def update(done: int, total: int) -> None:
-        progress.update(task, completed=done, total=total)
-
-    return progress, update
+    task = progress.add_task(label, total=total)
+    return progress, lambda done, total: progress.update(task, completed=done, total=total)
 
 
 @app.command()
@@ -215,7 +206,7 @@ def run(
     if chat and not raw:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     ids = engine.encode(text, messages, raw=raw)
-    progress, update = _progress(len(ids))
+    progress, update = _progress("prefill", len(ids))
     show_progress = len(ids) > 2 * chunk_size
     with progress if show_progress else contextlib.nullcontext():
         stream = engine.stream(prompt_ids=ids, params=params, on_prefill=update if show_progress else None)
@@ -337,13 +328,6 @@ MemoryPath = Annotated[Path, typer.Argument(help="The saved memory (.bmem file).
 Docs = Annotated[list[Path], typer.Argument(help="UTF-8 text files, read in this order.", show_default=False)]
 
 
-def _prefill_bar(label: str) -> tuple[Progress, Callable[[int, int], None]]:
-    progress = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
-                        TimeRemainingColumn(), console=err, transient=True)
-    task = progress.add_task(label, total=None)
-    return progress, lambda done, total: progress.update(task, completed=done, total=total)
-
-
 def _memory_line(path: Path, memory: Any, seconds: float, new_tokens: int) -> str:
     info = memory.info()
     rate = f", {new_tokens / seconds:.0f} tok/s" if seconds > 0 else ""
@@ -388,7 +372,7 @@ def memory_build(
     chosen = create_method(method, **{k: v for k, v in options.items() if v is not None})
     tiers = _tier_config(ram_budget, None, spill_dir, storage_dtype, False)
     loaded = _load(model, dtype, device, threads)
-    progress, update = _prefill_bar("reading")
+    progress, update = _progress("reading")
     started = time.perf_counter()
     with progress:
         memory = SavedMemory.build(loaded, docs, output, chosen, prefill_chunk=chunk_size, tiers=tiers, raw=raw,
@@ -412,7 +396,7 @@ def memory_extend(path: MemoryPath, documents: Docs, model: Model = None, ram_bu
     loaded = _load(model or _memory_model(header), dtype, device, threads)
     memory = SavedMemory.open(path, loaded, _tier_config(ram_budget, None, spill_dir, None, False))
     before = memory.tokens
-    progress, update = _prefill_bar("reading")
+    progress, update = _progress("reading")
     started = time.perf_counter()
     with progress:
         memory.extend(docs, on_progress=update)

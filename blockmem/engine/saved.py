@@ -16,7 +16,6 @@ cache's read caches are settled after it, so building [A, B] and building [A] th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
