@@ -247,7 +247,7 @@ def _ask_memory(path: Path, question: str | None, model: str | None, dtype: str,
                 method: str | None, options: dict[str, Any], tiers: Any, raw: bool, params: Any,
                 as_json: bool) -> None:
     from blockmem.engine.saved import SavedMemory, check_method
-    from blockmem.memory.persist import MemoryFile
+    from blockmem.memory.persist import DTYPE_NAMES, MemoryFile
 
     if question is None and not sys.stdin.isatty():
         question = sys.stdin.read()
@@ -255,7 +255,7 @@ def _ask_memory(path: Path, question: str | None, model: str | None, dtype: str,
         raise ConfigError("nothing to ask the memory", "give a PROMPT, --question or text on stdin")
     header = MemoryFile(path).header  # fails fast on a bad file, before the model loads
     check_method(header["method"], method, options)
-    if tiers.storage_dtype is not None and str(tiers.storage_dtype).split(".")[-1] != header["storage_dtype"]:
+    if tiers.storage_dtype is not None and DTYPE_NAMES[tiers.storage_dtype] != header["storage_dtype"]:
         raise ConfigError(f"the memory stores blocks as {header['storage_dtype']}; --storage-dtype cannot change that")
     loaded = _load(model or _memory_model(header), dtype, device, threads)
     saved = SavedMemory.open(path, loaded, tiers)
@@ -410,12 +410,7 @@ def memory_info(path: MemoryPath, as_json: Annotated[bool, typer.Option("--json"
     """What a saved memory holds: model, method and settings, documents, size."""
     from blockmem.memory.persist import MemoryFile
 
-    header = MemoryFile(path).header
-    info = {key: header[key] for key in ("format", "version", "blockmem", "created", "model", "tokenizer",
-                                         "compute_dtype", "storage_dtype", "method", "prefill_chunk", "documents",
-                                         "tokens", "file_bytes")}
-    info["blocks"] = sum(layer.get("blocks", 0) for layer in header["layers"])
-    info["prompt_style"] = header["prompt"]["style"]
+    info = MemoryFile(path).summary()
     if as_json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return

@@ -203,11 +203,7 @@ class SavedMemory:
         return self
 
     def info(self) -> dict[str, Any]:
-        header = self.header
-        return {key: header[key] for key in ("format", "version", "blockmem", "created", "model", "compute_dtype",
-                                              "storage_dtype", "method", "prefill_chunk", "documents", "tokens")} | {
-            "prompt_style": header["prompt"]["style"], "file_bytes": header["file_bytes"],
-            "blocks": sum(layer.get("blocks", 0) for layer in header["layers"])}
+        return self.file.summary()
 
     def close(self) -> None:
         self.file.close()

@@ -252,6 +252,16 @@ class MemoryFile:
         with contextlib.suppress(BufferError):  # a tensor still views the mapping: let GC close it
             self.mapping.close()
 
+    def summary(self) -> dict[str, Any]:
+        """The header fields a person wants (`blockmem memory info`), plus the block count."""
+        header = self.header
+        info = {key: header[key] for key in ("format", "version", "blockmem", "created", "model", "tokenizer",
+                                             "compute_dtype", "storage_dtype", "method", "prefill_chunk", "documents",
+                                             "tokens", "file_bytes")}
+        info["blocks"] = sum(layer.get("blocks", 0) for layer in header["layers"])
+        info["prompt_style"] = header["prompt"]["style"]
+        return info
+
     def check_match(self, model_print: str, tokenizer_print: str, dtype: torch.dtype, model_name: str) -> None:
         built = self.header["model"]
         if built["fingerprint"] != model_print:

@@ -546,7 +546,7 @@ class Tiers:
         return disk + device + self.bytes_to_compute
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"page_bytes": self.page_bytes, "storage_dtype": str(self.storage_dtype).split(".")[-1],
+        out: dict[str, Any] = {"page_bytes": self.page_bytes, "storage_dtype": str(self.storage_dtype).removeprefix("torch."),
                                "blocks_fetched": self.blocks_fetched, "bytes_to_compute": self.bytes_to_compute,
                                "prefetched_blocks": self.prefetched,
                                "bytes_moved": self.bytes_moved()}
