@@ -28,15 +28,7 @@ import blockmem
 from blockmem.attention import create_method
 from blockmem.errors import ContextLengthError
 from blockmem.eval.passkey import make_trial, parse_length
-
-
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    name, _, rest = spec.partition(":")
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        options[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
-    return name, options
+from blockmem.eval.systems import parse_method  # noqa: F401 (also used by the other benchmarks)
 
 
 def trial_numbers(text: str) -> list[int]:

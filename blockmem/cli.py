@@ -1,4 +1,4 @@
-"""The `blockmem` command: run, chat, models.
+"""The `blockmem` command: run, chat, memory, models (eval, bench and report live in blockmem.eval.cli).
 
 Answers stream to stdout; progress, the stats summary and errors go to stderr, so
 `blockmem run ... > answer.txt` captures only the answer. Errors a user can fix print as one
@@ -459,6 +459,15 @@ def models() -> None:
         default = " (default)" if entry.name == DEFAULT_MODEL else ""
         err.print(f"[bold]{entry.name}[/bold]{default}  {entry.title}, {entry.license}\n"
                   f"    {entry.description}\n    {status}")
+
+
+def _register_eval() -> None:
+    from blockmem.eval.cli import register
+
+    register(app)
+
+
+_register_eval()
 
 
 def main() -> None:

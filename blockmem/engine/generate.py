@@ -126,6 +126,27 @@ class Engine:
                 on_prefill(min(start + self.prefill_chunk, len(ids)), len(ids))
         return logits
 
+    @torch.inference_mode()
+    def token_losses(self, ids: list[int], on_prefill: ProgressFn | None = None) -> torch.Tensor:
+        """Negative log-likelihood of each token after the first given all before it, read chunk by
+        chunk through the method's memory: [len(ids) - 1] float32 (perplexity by position)."""
+        self._check_length(len(ids))
+        decoder = self.model.decoder
+        cache = self.new_cache()
+        losses = []
+        try:
+            for start in range(0, len(ids), self.prefill_chunk):
+                chunk = ids[start:start + self.prefill_chunk]
+                logits = decoder(torch.tensor([chunk], device=decoder.device), cache, Logits.ALL)[0]
+                targets = torch.tensor(ids[start + 1:start + len(chunk) + 1], device=decoder.device)
+                logp = torch.log_softmax(logits[:len(targets)].float(), dim=-1)
+                losses.append(-logp.gather(1, targets[:, None])[:, 0].cpu())
+                if on_prefill is not None:
+                    on_prefill(start + len(chunk), len(ids))
+        finally:
+            cache.close()
+        return torch.cat(losses)
+
     def new_cache(self) -> KVCache:
         decoder = self.model.decoder
         return self.method.new_cache(decoder.layer_specs(), decoder.device, decoder.dtype, self.tiers)

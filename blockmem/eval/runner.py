@@ -1,0 +1,167 @@
+"""`blockmem eval`: every (task, length, sample) through every system, one JSONL record each.
+
+Resumable: a record is appended (and fsynced) as soon as its sample finishes, and a run started
+again with the same results file skips every (model, seed, system, task, length, index) already
+there, so an interrupted run continues where it stopped. A torn last line (a run killed mid-write)
+is cut off before appending. One runner writes a results file at a time (a lock file beside it).
+
+Each (system, length) runs in its own worker process (blockmem.eval.worker); its stderr goes to
+RESULTS.log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blockmem.errors import ConfigError
+from blockmem.eval.systems import SystemSpec
+from blockmem.eval.tasks import TaskOptions
+
+Key = tuple[str, int, str, str, int, int]  # model, seed, system, task, length, index
+
+
+@dataclass
+class EvalPlan:
+    model: str | None
+    tasks: list[str]
+    lengths: list[int]
+    systems: list[SystemSpec]
+    samples: int
+    out: Path
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+    chunk: int = 1024
+    options: TaskOptions = field(default_factory=TaskOptions)
+    kvpress_python: str | None = None
+
+    def model_name(self) -> str:
+        from blockmem.model.loader import resolve
+
+        return resolve(self.model)[0]
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every complete record of a results file (a torn last line is skipped)."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ConfigError(f"{path} line {number} is not JSON", "restore the file or start a new one") from None
+    return records
+
+
+def _key(record: dict[str, Any]) -> Key:
+    return (record["model"], record["seed"], record["system"], record["task"], record["length"], record["index"])
+
+
+@contextlib.contextmanager
+def results_file(path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """Lock `path` for this run, cut a torn last line, and yield an append(record) function."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:  # held open and locked for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another blockmem run is writing {path}", "wait for it, or pass another --out") from None
+        handle.seek(0, os.SEEK_END)
+        if handle.tell():
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":  # a torn record: keep whole lines only
+                handle.seek(0)
+                data = handle.read()
+                handle.truncate(data.rfind(b"\n") + 1)
+
+        def append(record: dict[str, Any]) -> None:
+            with open(path, "a", encoding="utf-8") as out:
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+
+        yield append
+
+
+def pending(plan: EvalPlan, done: set[Key], system: SystemSpec, length: int) -> list[tuple[str, int]]:
+    name = plan.model_name()
+    return [(task, index) for task in plan.tasks for index in range(plan.samples)
+            if (name, plan.seed, system.label, task, length, index) not in done]
+
+
+def run_eval(plan: EvalPlan, on_record: Callable[[dict[str, Any]], None] | None = None,
+             on_group: Callable[[str, int, int], None] | None = None) -> list[str]:
+    """Run what is missing from plan.out; returns one message per (system, length) that failed."""
+    name = plan.model_name()
+    failures: list[str] = []
+    with results_file(plan.out) as append:
+        done = {_key(r) for r in read_records(plan.out) if "model" in r}
+        for length in plan.lengths:
+            for system in plan.systems:
+                work = pending(plan, done, system, length)
+                if not work:
+                    continue
+                if on_group:
+                    on_group(system.label, length, len(work))
+                job = {"system": asdict(system), "model": plan.model, "model_name": name, "dtype": plan.dtype,
+                       "device": plan.device, "threads": plan.threads, "chunk": plan.chunk, "seed": plan.seed,
+                       "length": length, "work": work, "task_options": asdict(plan.options),
+                       "kvpress_python": plan.kvpress_python, "log": str(_log(plan.out))}
+                failure = _run_worker(job, plan.out, append, on_record)
+                if failure:
+                    failures.append(f"{system.label} at {length} tokens: {failure}")
+    return failures
+
+
+def _log(out: Path) -> Path:
+    return out.with_name(out.name + ".log")
+
+
+def _run_worker(job: dict[str, Any], out: Path, append: Callable[[dict[str, Any]], None],
+                on_record: Callable[[dict[str, Any]], None] | None) -> str | None:
+    log = _log(out)
+    with open(log, "ab") as stderr:
+        stderr.write(f"--- {job['system']['label']} at {job['length']} tokens\n".encode())
+        stderr.flush()
+        process = subprocess.Popen([sys.executable, "-m", "blockmem.eval.worker"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True)
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(json.dumps(job))
+        process.stdin.close()
+        error = None
+        try:
+            for line in process.stdout:
+                if not line.startswith("{"):
+                    continue
+                record = json.loads(line)
+                if "error" in record:
+                    error = record["error"] + (f" (fix: {record['fix']})" if record.get("fix") else "")
+                    continue
+                append(record)
+                if on_record:
+                    on_record(record)
+        except BaseException:
+            process.kill()
+            raise
+        code = process.wait()
+    if error:
+        return error
+    if code != 0:
+        tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
+        return f"the worker failed (exit status {code}): {tail[0] if tail else '?'}; see {log}"
+    return None

@@ -1,0 +1,401 @@
+"""The evaluation harness: task generators, metrics, perplexity, the resumable runner, peers' error
+paths, the report, and `eval` -> `report` end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from blockmem.errors import ConfigError
+from blockmem.eval.metrics import clean, first_number, score, string_match_all, string_match_part
+from blockmem.eval.tasks import GROUPS, TASKS, TaskOptions, make_sample, resolve_tasks
+from blockmem.eval.tasks.ruler import NIAH
+
+SYNTHETIC = [name for name in TASKS if not name.startswith("qa_")]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from blockmem.model.loader import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+# ---- metrics (hand-checked) -------------------------------------------------------------------
+
+def test_metrics_hand_checked() -> None:
+    assert clean("a\x00b\nc\td\x1f ") == "a b c d"
+    assert string_match_all("The numbers are 123 and 456.", ["123", "456"]) == 1.0
+    assert string_match_all("The numbers are 123.", ["123", "456"]) == 0.5
+    assert string_match_all("nothing", ["123", "456"]) == 0.0
+    assert string_match_all("APPLE, Pear", ["apple", "pear", "plum"]) == pytest.approx(2 / 3)  # case-insensitive
+    assert string_match_all("12\n3", ["12 3"]) == 1.0  # control characters become spaces
+    assert string_match_part("It was in Paris, France.", ["paris", "Lyon"]) == 1.0
+    assert string_match_part("It was in Rome.", ["paris", "Lyon"]) == 0.0
+    assert first_number(" 12345. Remember", ["12345"]) == 1.0
+    assert first_number(" 99 then 12345", ["12345"]) == 0.0
+    assert first_number(" no digits", ["12345"]) == 0.0
+    assert score("all", "x 1 y", ["1"]) == 1.0
+    with pytest.raises(ConfigError, match="unknown metric"):
+        score("bleu", "x", ["x"])
+
+
+# ---- generators -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_generator_hits_length_and_is_deterministic(tok, name: str) -> None:
+    for length in (2048, 6000):
+        sample = make_sample(name, tok, length, 3, seed=7)
+        context, question = sample.prompt_ids(tok)
+        assert sample.tokens == len(context) + len(question)
+        assert sample.tokens + sample.max_new_tokens <= length  # the answer fits too
+        # within 3% of the target, or one haystack unit (a UUID needle is ~60 tokens)
+        assert sample.tokens + sample.max_new_tokens >= length - max(0.03 * length, 100)
+        assert make_sample(name, tok, length, 3, seed=7) == sample  # same arguments, same sample
+        assert make_sample(name, tok, length, 4, seed=7).context != sample.context
+        assert make_sample(name, tok, length, 3, seed=8).context != sample.context
+        assert sample.references and all(sample.references)
+
+
+@pytest.mark.parametrize("name", list(NIAH))
+def test_niah_needles_present_exactly_once(tok, name: str) -> None:
+    spec = NIAH[name]
+    sample = make_sample(name, tok, 3000, 0)
+    assert len(sample.references) == spec.num_values * spec.num_queries
+    for value in sample.references:
+        assert sample.context.count(value) == 1
+    needles = re.findall(r"One of the special magic \w+ for (\S+) is: (\S+)\. ", sample.context)
+    keys = Counter(key for key, _ in needles)
+    asked = re.search(r"magic \w+ for (.*?) mentioned", sample.question).group(1)
+    for key in re.split(r", | and ", asked):
+        assert keys[key] == spec.num_values  # the asked key's needles, each once
+    if spec.haystack == "needles":  # the haystack is made of distractor needles with other keys
+        assert len(keys) > 20
+
+
+def test_needle_depth_is_controlled(tok) -> None:
+    for depth in (0.0, 0.5, 1.0):
+        sample = make_sample("niah_single_2", tok, 4000, 0, options=TaskOptions(depths=[depth]))
+        where = sample.context.index(sample.references[0]) / len(sample.context)
+        assert abs(where - depth) < 0.06, (depth, where)
+        assert sample.depth == depth
+    passkey = make_sample("passkey", tok, 4000, 0, options=TaskOptions(depths=[0.25]))
+    assert abs(passkey.context.index(passkey.references[0]) / len(passkey.context) - 0.25) < 0.05
+    # samples cycle through the depths
+    assert [make_sample("niah_single_1", tok, 1024, i).depth for i in range(6)] == [0, 0.25, 0.5, 0.75, 1.0, 0]
+
+
+def test_variable_tracking_chain(tok) -> None:
+    sample = make_sample("vt", tok, 3000, 1)
+    value = re.search(r"assigned the value (\d+)", sample.question).group(1)
+    chain = re.findall(r"VAR (\w+) = (VAR \w+|\d+)\. ", sample.context)
+    assert [name for name, _ in chain] == list(sample.references)
+    assert chain[0][1] == value
+    for (previous, _), (_, source) in zip(chain, chain[1:]):
+        assert source == f"VAR {previous}"  # each hop names the one before it
+
+
+def test_common_and_frequent_words_answers_are_the_most_frequent(tok) -> None:
+    cwe = make_sample("cwe", tok, 4000, 2)
+    counts = Counter(re.findall(r"^\d+\. (\w+)$", cwe.context, flags=re.M))
+    top = [word for word, _ in counts.most_common(10)]
+    assert sorted(top) == sorted(cwe.references)
+    assert min(counts[w] for w in cwe.references) > max(c for w, c in counts.items() if w not in cwe.references)
+    fwe = make_sample("fwe", tok, 4000, 2)
+    body = fwe.context.split("\n", 1)[1]
+    counts = Counter(w for w in body.split() if w != "....")
+    ranked = counts.most_common(4)
+    assert [w for w, _ in ranked[:3]] == list(fwe.references) and ranked[2][1] > ranked[3][1]
+
+
+def _squad(path: Path) -> Path:
+    paragraphs = [{"context": f"Paragraph {i} tells that the river number {i} is called Flow{i}.",
+                   "qas": [{"question": f"What is river {i} called?", "answers": [{"text": f"Flow{i}"}],
+                            "is_impossible": False}]} for i in range(200)]
+    path.write_text(json.dumps({"data": [{"title": "rivers", "paragraphs": paragraphs}]}))
+    return path
+
+
+def _hotpot(path: Path) -> Path:
+    entries = [{"question": f"Where was person {i} born?", "answer": f"Town{i}",
+                "supporting_facts": [[f"P{i}", 0], [f"T{i}", 0]],
+                "context": [[f"P{i}", [f"Person {i} was born in the town described next. "]],
+                            [f"T{i}", [f"That town is Town{i}, on a hill. "]]]} for i in range(200)]
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_qa_tasks_from_user_files(tok, tmp_path: Path) -> None:
+    options = TaskOptions(squad=str(_squad(tmp_path / "squad.json")), hotpot=str(_hotpot(tmp_path / "hotpot.json")))
+    assert resolve_tasks("ruler", options)[-2:] == ["qa_squad", "qa_hotpot"]
+    assert "qa_squad" not in resolve_tasks("ruler")
+    squad = make_sample("qa_squad", tok, 2000, 0, options=options)
+    answer = squad.references[0]
+    question_number = re.search(r"river (\d+)", squad.question).group(1)
+    assert answer == f"Flow{question_number}" and squad.context.count(f"is called {answer}.") == 1
+    assert squad.metric == "part" and squad.tokens + squad.max_new_tokens <= 2000
+    hotpot = make_sample("qa_hotpot", tok, 2000, 1, options=options)
+    number = re.search(r"person (\d+)", hotpot.question).group(1)
+    gold = [f"Person {number} was born", f"That town is Town{number}"]
+    assert all(hotpot.context.count(g) == 1 for g in gold)
+    assert hotpot.context.index(gold[0]) < hotpot.context.index(gold[1])  # the gold paragraphs stay together
+    with pytest.raises(ConfigError, match="needs the SQuAD file"):
+        make_sample("qa_squad", tok, 2000, 0)
+    (tmp_path / "bad.json").write_text('{"data": [{"nope": 1}]}')
+    with pytest.raises(ConfigError, match="is not a SQuAD file"):
+        make_sample("qa_squad", tok, 2000, 0, options=TaskOptions(squad=str(tmp_path / "bad.json")))
+
+
+def test_task_groups_and_unknown_names() -> None:
+    assert resolve_tasks("ruler") == GROUPS["ruler"] and len(GROUPS["ruler"]) == 11
+    assert resolve_tasks("passkey,niah,passkey") == ["passkey", *NIAH]
+    assert resolve_tasks("all")[-2:] == ["passkey", "perplexity"]
+    with pytest.raises(ConfigError, match="unknown task 'needle'"):
+        resolve_tasks("needle")
+
+
+def test_too_short_length_is_a_clear_error(tok) -> None:
+    with pytest.raises(ConfigError, match="ask for a longer length"):
+        make_sample("niah_multiquery", tok, 120, 0)
+
+
+# ---- perplexity -------------------------------------------------------------------------------
+
+def test_perplexity_buckets_hand_checked() -> None:
+    from blockmem.eval.perplexity import bucket_edges, by_bucket
+
+    assert bucket_edges(1000) == [0, 256, 512, 1000]
+    losses = [1.0] * 255 + [2.0] * 256 + [3.0] * 488  # tokens 1..999
+    buckets = by_bucket(losses, 1000)
+    assert [(b["start"], b["end"], b["tokens"], b["loss"]) for b in buckets] == [
+        (0, 256, 255, 1.0), (256, 512, 256, 2.0), (512, 1000, 488, 3.0)]
+    assert buckets[0]["ppl"] == pytest.approx(2.718, abs=1e-3)
+
+
+def test_token_losses_equal_full_forward(tiny_llama) -> None:
+    import blockmem
+    from blockmem.model.decoder import Logits
+
+    ids = list(range(3, 3 + 150))
+    engine = blockmem.Engine(tiny_llama, prefill_chunk=64)
+    losses = engine.token_losses(ids)
+    with torch.inference_mode():
+        logits = tiny_llama.decoder(torch.tensor([ids]), engine.new_cache(), Logits.ALL)[0]
+    expected = torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:]), reduction="none")
+    assert losses.shape == (149,) and torch.allclose(losses, expected, atol=1e-5)
+    # a block-memory method that reads every block gives the same losses
+    sparse = blockmem.Engine(tiny_llama, method=blockmem.create_method("infllm", block_size=16, topk=64, n_local=32,
+                                                                         n_init=4, position="true"), prefill_chunk=64)
+    assert torch.allclose(sparse.token_losses(ids), expected, atol=1e-4)
+
+
+# ---- systems ----------------------------------------------------------------------------------
+
+def test_system_specs_are_validated() -> None:
+    from blockmem.eval.systems import parse_systems
+
+    systems = parse_systems("dense;infllm:topk=8,n_local=64", "transformers,kvpress,kvpress:tova@0.25", 0.5)
+    assert [s.label for s in systems] == ["dense", "infllm:topk=8,n_local=64", "transformers", "kvpress:streaming@0.5",
+                                          "kvpress:snapkv@0.5", "kvpress:knorm@0.5", "kvpress:tova@0.25"]
+    assert systems[1].options == {"topk": 8, "n_local": 64}
+    for methods, peers, message in (("quick", None, "unknown attention method"),
+                                    ("infllm:topk=8,bogus=1", None, "does not apply"),
+                                    ("dense", "vllm", "unknown peer"),
+                                    ("dense", "kvpress:magic", "unknown kvpress press"),
+                                    ("dense,dense", None, "named twice"),
+                                    ("", "", "nothing to evaluate")):
+        with pytest.raises(ConfigError, match=message):
+            parse_systems(methods, peers)
+    with pytest.raises(ConfigError, match="kv-ratio"):
+        parse_systems("dense", None, 1.5)
+
+
+def test_kvpress_peer_without_kvpress_is_a_clear_error(tok, tmp_path: Path) -> None:
+    import importlib.util
+    import sys
+
+    from blockmem.eval.systems import KvpressAnswerer, SystemSpec
+
+    if importlib.util.find_spec("kvpress") is not None:
+        pytest.skip("kvpress is installed in this Python")
+    spec = SystemSpec("kvpress:snapkv@0.5", "kvpress", "snapkv", ratio=0.5)
+    with pytest.raises(ConfigError, match="kvpress peer stopped") as info:
+        KvpressAnswerer(spec, tmp_path / "m.gguf", tok, sys.executable, 1, tmp_path / "log")
+    assert "--kvpress-python" in info.value.fix
+    assert "kvpress" in (tmp_path / "log").read_text()  # the worker's ImportError is in the log
+
+
+# ---- runner, report, CLI ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def long_tiny(tiny, tmp_path_factory) -> Path:
+    """The tiny Llama with a 2K window, so that dense answers 512-token prompts."""
+    source, _ = tiny.get("llama")
+    directory = tmp_path_factory.mktemp("long-tiny")
+    shutil.copytree(source, directory, dirs_exist_ok=True)
+    config = json.loads((directory / "config.json").read_text())
+    config["max_position_embeddings"] = 2048
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def _plan(model: Path, out: Path, **overrides):
+    from blockmem.eval.runner import EvalPlan
+    from blockmem.eval.systems import parse_systems
+
+    fields = dict(model=str(model), tasks=["niah_single_1", "passkey"], lengths=[512],
+                  systems=parse_systems("dense,streaming:n_local=64,n_init=8", None), samples=2, out=out, threads=1)
+    fields.update(overrides)
+    return EvalPlan(**fields)
+
+
+def test_runner_resumes_and_repairs_a_torn_record(long_tiny: Path, tmp_path: Path) -> None:
+    from blockmem.eval.runner import read_records, run_eval
+
+    out = tmp_path / "results.jsonl"
+    seen: list[dict] = []
+    assert run_eval(_plan(long_tiny, out), on_record=seen.append) == []
+    records = read_records(out)
+    assert len(records) == len(seen) == 2 * 2 * 2
+    first = records[0]
+    for key in ("task", "length", "depth", "system", "score", "prediction", "latency", "tokens_attended",
+                "bytes_moved_per_token", "peak_rss_mib", "tokens", "references"):
+        assert key in first
+    assert {r["system"] for r in records} == {"dense", "streaming:n_local=64,n_init=8"}
+    streaming = [r for r in records if r["system"].startswith("streaming")]
+    assert all(r["tokens_attended"] < r["tokens"] for r in streaming)  # it read less than the prompt
+    # kill mid-write: drop the last two records and leave half a line
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:-2]) + lines[-2][:40])
+    seen.clear()
+    assert run_eval(_plan(long_tiny, out), on_record=seen.append) == []
+    assert len(seen) == 2  # only what was missing ran again
+    again = read_records(out)
+    assert len(again) == 8 and all(line.startswith("{") for line in out.read_text().splitlines())
+    assert again[-1]["prediction"] == records[-1]["prediction"]  # deterministic: the same answer
+    # more samples later: only the new ones run
+    seen.clear()
+    run_eval(_plan(long_tiny, out, samples=3), on_record=seen.append)
+    assert sorted({r["index"] for r in seen}) == [2] and len(seen) == 4
+
+
+def test_one_writer_per_results_file(tmp_path: Path) -> None:
+    from blockmem.eval.runner import results_file
+
+    out = tmp_path / "r.jsonl"
+    with results_file(out):
+        with pytest.raises(ConfigError, match="another blockmem run is writing"):
+            with results_file(out):
+                pass
+
+
+def test_refusals_and_worker_errors_are_recorded_not_fatal(long_tiny: Path, tmp_path: Path) -> None:
+    from blockmem.eval.runner import read_records, run_eval
+
+    out = tmp_path / "r.jsonl"
+    failures = run_eval(_plan(long_tiny, out, lengths=[4096], tasks=["passkey"], samples=1))
+    assert failures == []
+    dense = [r for r in read_records(out) if r["system"] == "dense"]
+    assert dense and "refused" in dense[0] and dense[0]["score"] is None  # past the 2K window
+    broken = tmp_path / "broken-model"
+    broken.mkdir()  # exists, so the plan accepts it, but the workers cannot load it
+    failures = run_eval(_plan(broken, tmp_path / "r2.jsonl", tasks=["passkey"], samples=1))
+    assert len(failures) == 2 and all("broken-model" in f for f in failures), failures
+    assert read_records(tmp_path / "r2.jsonl") == []  # nothing half-done was recorded
+
+
+def test_summary_and_ratio_tables_hand_checked() -> None:
+    from blockmem.eval.report import ratio_table, summary_table
+
+    records = [{"task": "passkey", "system": "a", "length": 4096, "score": s, "index": i} for i, s in
+               enumerate([1.0, 0.0, 1.0, 1.0])]
+    records += [{"task": "vt", "system": "a", "length": 4096, "score": 0.5, "index": 0},
+                {"task": "passkey", "system": "b", "length": 4096, "score": None, "refused": "too long", "index": 0}]
+    table = summary_table(records)
+    assert "| passkey | 75.0 | refused |" in table
+    assert "| vt | 50.0 | – |" in table
+    assert "| **average** | **62.5** | – |" in table
+    bench = [{"bench": True, "system": "x", "length": 8192, "prefill_tok_s": p, "decode_tok_s": d, "ttft": 1.0,
+              "peak_rss_mib": 100} for p, d in ((100, 10), (300, 30), (200, 20))]
+    bench += [{"bench": True, "system": "base", "length": 8192, "prefill_tok_s": 50, "decode_tok_s": 40, "ttft": 2.0,
+               "peak_rss_mib": 100}]
+    ratios = ratio_table(bench, "base")
+    assert "| x | 8K | 3 | 200.0 (100.0-300.0) | 4.00x |" in ratios and "| 20.0 (10.0-30.0) | 0.50x |" in ratios
+    assert "| base | 8K | 1 | 50.0 | 1.00x |" in ratios
+
+
+def test_eval_then_report_end_to_end(long_tiny: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from blockmem.cli import app
+
+    out = tmp_path / "results.jsonl"
+    runner = CliRunner()
+    done = runner.invoke(app, ["eval", "--model", str(long_tiny), "--tasks", "niah_single_1,passkey,perplexity",
+                               "--lengths", "512", "--samples", "2", "--methods", "dense,streaming:n_local=64",
+                               "--peers", "transformers", "--threads", "1", "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "| passkey |" in done.stdout and "transformers" in done.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3 * 3 * 2
+    by = {(r["system"], r["task"], r["index"]): r for r in records}
+    # the transformers peer reads the same token ids as blockmem dense and answers the same (greedy)
+    for task in ("niah_single_1", "passkey"):
+        for index in range(2):
+            assert by[("transformers", task, index)]["tokens"] == by[("dense", task, index)]["tokens"]
+            assert by[("transformers", task, index)]["prediction"] == by[("dense", task, index)]["prediction"]
+    assert by[("transformers", "perplexity", 0)]["loss"] == pytest.approx(by[("dense", "perplexity", 0)]["loss"],
+                                                                          abs=1e-3)
+    report = tmp_path / "report"
+    done = runner.invoke(app, ["report", str(out), "-o", str(report)])
+    assert done.exit_code == 0, done.output
+    markdown = (report / "report.md").read_text()
+    assert "## Accuracy" in markdown and "## Perplexity by position" in markdown and "| transformers |" in markdown
+    for name in ("heatmap.png", "accuracy_vs_length.png", "decode_vs_length.png", "memory_vs_length.png",
+                 "perplexity.png"):
+        data = (report / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+        assert f"({name})" in markdown
+
+
+def test_eval_bad_input_is_one_clear_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from blockmem.cli import app
+
+    runner = CliRunner()
+    for args, message in ((["--tasks", "nope"], "unknown task"), (["--lengths", "4q"], "not a list of token counts"),
+                          (["--lengths", "100"], "at least 256"), (["--samples", "0"], "at least 1"),
+                          (["--depths", "2"], "between 0 and 1"), (["--peers", "vllm"], "unknown peer"),
+                          (["--model", str(tmp_path / "none.gguf")], "model not found"),
+                          (["--qa-squad", str(tmp_path / "none.json")], "QA file not found")):
+        done = runner.invoke(app, ["eval", *args, "-o", str(tmp_path / "r.jsonl")])
+        assert done.exit_code == 2 and message in done.output, (args, done.output)
+    done = runner.invoke(app, ["report", str(tmp_path / "none.jsonl")])
+    assert done.exit_code == 2 and "results file not found" in done.output
+    done = runner.invoke(app, ["bench", "--baseline", "nobody", "--methods", "dense", "--peers", ""])
+    assert done.exit_code == 2 and "baseline" in done.output
+
+
+def test_bench_measures_and_prints_ratios(long_tiny: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from blockmem.cli import app
+
+    out = tmp_path / "bench.jsonl"
+    done = CliRunner().invoke(app, ["bench", "--model", str(long_tiny), "--lengths", "512,4k", "--methods",
+                                    "dense,streaming:n_local=64", "--peers", "", "--baseline", "dense", "--reps", "1",
+                                    "--new-tokens", "4", "--threads", "1", "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 4 and all(r["bench"] for r in records)
+    measured = {(r["system"], r["length"]): r for r in records}
+    assert measured[("dense", 512)]["decode_tok_s"] > 0 and "refused" in measured[("dense", 4096)]
+    assert measured[("streaming:n_local=64", 4096)]["tokens_attended"] < 500  # of a 4060-token prompt
+    assert "1.00x" in done.stdout and "refused" in done.stdout
