@@ -328,6 +328,10 @@ def test_summary_and_ratio_tables_hand_checked() -> None:
     ratios = ratio_table(bench, "base")
     assert "| x | 8K | 3 | 200.0 (100.0-300.0) | 4.00x |" in ratios and "| 20.0 (10.0-30.0) | 0.50x |" in ratios
     assert "| base | 8K | 1 | 50.0 | 1.00x |" in ratios
+    from blockmem.eval.report import by_model
+
+    two = by_model([{**records[0], "model": "m1"}, {**records[0], "model": "m2"}])
+    assert [r["system"] for r in two] == ["m1/a", "m2/a"]  # two models never merge into one row
 
 
 def test_eval_then_report_end_to_end(long_tiny: Path, tmp_path: Path) -> None:
@@ -389,13 +393,17 @@ def test_bench_measures_and_prints_ratios(long_tiny: Path, tmp_path: Path) -> No
     from blockmem.cli import app
 
     out = tmp_path / "bench.jsonl"
+    infllm = "infllm:block_size=16,topk=4,n_local=64,n_init=8"
     done = CliRunner().invoke(app, ["bench", "--model", str(long_tiny), "--lengths", "512,4k", "--methods",
-                                    "dense,streaming:n_local=64", "--peers", "", "--baseline", "dense", "--reps", "1",
-                                    "--new-tokens", "4", "--threads", "1", "-o", str(out)])
+                                    f"dense,streaming:n_local=64,{infllm}", "--peers", "", "--baseline", "dense",
+                                    "--reps", "1", "--new-tokens", "4", "--threads", "1", "--ram-budget", "1MB",
+                                    "-o", str(out)])
     assert done.exit_code == 0, done.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 4 and all(r["bench"] for r in records)
+    assert len(records) == 6 and all(r["bench"] for r in records)
     measured = {(r["system"], r["length"]): r for r in records}
+    # 4K tokens of tiny-model blocks (~3 MB) under a 1 MB RAM budget: blocks come back from disk
+    assert measured[(infllm, 4096)]["bytes_moved_per_token"] > 0
     assert measured[("dense", 512)]["decode_tok_s"] > 0 and "refused" in measured[("dense", 4096)]
     assert measured[("streaming:n_local=64", 4096)]["tokens_attended"] < 500  # of a 4060-token prompt
     assert "1.00x" in done.stdout and "refused" in done.stdout

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from blockmem.eval.runner import results_file
-from blockmem.eval.systems import SystemSpec
+from blockmem.eval.systems import SystemSpec, blockmem_engine
 
 TEXT = ("The library opens at nine. Readers come for newspapers, students for quiet tables, and the old "
         "men for the chess boards by the window. In the afternoon the light moves across the shelves. ")
@@ -38,6 +38,7 @@ class BenchPlan:
     dtype: str = "float32"
     device: str = "cpu"
     threads: int | None = None
+    ram_budget: str | None = None  # memory tiers for block-memory methods (bytes moved per token)
 
 
 def run_bench(plan: BenchPlan, on_start: Callable[[str], None] | None = None,
@@ -58,7 +59,7 @@ def run_bench(plan: BenchPlan, on_start: Callable[[str], None] | None = None,
                         on_start(f"{system.label} @ {length} tokens, rep {rep + 1}/{plan.reps}")
                     job = {"system": asdict(system), "model": plan.model, "length": length,
                            "new_tokens": plan.new_tokens, "dtype": plan.dtype, "device": plan.device,
-                           "threads": plan.threads}
+                           "threads": plan.threads, "ram_budget": plan.ram_budget}
                     done = subprocess.run([sys.executable, "-m", "blockmem.eval.bench"], input=json.dumps(job),
                                           capture_output=True, text=True)
                     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -71,7 +72,7 @@ def run_bench(plan: BenchPlan, on_start: Callable[[str], None] | None = None,
                         stopped.add((system.label, length))
                     record = {"bench": True, "run": run_id, "system": system.label, "kind": system.kind,
                               "model": name, "length": length, "rep": rep, "new_tokens": plan.new_tokens,
-                              "threads": plan.threads, **measured, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                              "threads": plan.threads, "ram_budget": plan.ram_budget, **measured, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
                     append(record)
                     if on_record:
                         on_record(record)
@@ -106,7 +107,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         return {**timing, "tokens_attended": float(len(ids)), "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1)}
     model = blockmem.load(job["model"], dtype=spec.dtype or job["dtype"], device=job["device"])
     ids = prompt_ids(model.tokenizer, length - new_tokens)
-    engine = blockmem.Engine(model, method=blockmem.create_method(spec.method, **spec.options))
+    engine = blockmem_engine(spec, model, ram_budget=job.get("ram_budget"))
     try:
         out = engine.generate(prompt_ids=ids, max_new_tokens=new_tokens, ignore_eos=True)
     except ContextLengthError as exc:

@@ -25,6 +25,9 @@ Peers = Annotated[str | None, typer.Option(help="Peers on the same weights and p
 Threads = Annotated[int | None, typer.Option(help="CPU threads for every system (default: torch's choice).")]
 Dtype = Annotated[str, typer.Option(help="blockmem's compute dtype: float32, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option(help="blockmem's device: cpu, cuda, auto.")]
+RamBudget = Annotated[str | None, typer.Option(help="Memory tiers for blockmem's block-memory methods: bytes of "
+                                               "blocks kept in RAM (e.g. 256MB), the rest spills to disk; bytes "
+                                               "moved per token are then recorded. Default: all in RAM.")]
 
 
 def register(app: typer.Typer) -> None:
@@ -64,6 +67,7 @@ def eval_command(
                                                        "this Python.")] = None,
     qa_squad: Annotated[Path | None, typer.Option(help="SQuAD dev JSON: adds qa_squad to ruler.")] = None,
     qa_hotpot: Annotated[Path | None, typer.Option(help="HotpotQA dev JSON: adds qa_hotpot to ruler.")] = None,
+    ram_budget: RamBudget = None,
 ) -> None:
     """Score methods and peers on RULER-style tasks, passkey and perplexity, one JSONL record per sample.
 
@@ -71,7 +75,7 @@ def eval_command(
     --peers transformers,llamacpp --samples 20 -o results.jsonl && blockmem report results.jsonl
     """
     _friendly(_eval)(tasks, lengths, methods, peers, samples, seed, depths, out, model, dtype, device, threads,
-                     chunk_size, kv_ratio, kvpress_python, qa_squad, qa_hotpot)
+                     chunk_size, kv_ratio, kvpress_python, qa_squad, qa_hotpot, ram_budget)
 
 
 def _lengths(text: str) -> list[int]:
@@ -86,9 +90,16 @@ def _lengths(text: str) -> list[int]:
     return values
 
 
+def _budget(text: str | None) -> str | None:
+    from blockmem.memory.tiers import parse_size
+
+    parse_size(text, "--ram-budget")  # a bad size fails here, not in a worker
+    return text
+
+
 def _eval(tasks: str, lengths: str, methods: str, peers: str | None, samples: int, seed: int, depths: str,
           out: Path, model: str | None, dtype: str, device: str, threads: int | None, chunk: int, kv_ratio: float,
-          kvpress_python: str | None, qa_squad: Path | None, qa_hotpot: Path | None) -> None:
+          kvpress_python: str | None, qa_squad: Path | None, qa_hotpot: Path | None, ram_budget: str | None) -> None:
     from blockmem.cli import err
     from blockmem.eval.report import summary_table
     from blockmem.eval.runner import EvalPlan, read_records, run_eval
@@ -112,7 +123,7 @@ def _eval(tasks: str, lengths: str, methods: str, peers: str | None, samples: in
     resolve(model)  # a missing model fails here, not in a worker
     plan = EvalPlan(model, resolve_tasks(tasks, options), _lengths(lengths), parse_systems(methods, peers, kv_ratio),
                     samples, out, seed, dtype, device, threads, chunk, options,
-                    kvpress_python or os.environ.get("BLOCKMEM_KVPRESS_PYTHON"))
+                    kvpress_python or os.environ.get("BLOCKMEM_KVPRESS_PYTHON"), _budget(ram_budget))
     total = len(plan.tasks) * len(plan.lengths) * len(plan.systems) * samples
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=err, transient=False)
@@ -154,6 +165,7 @@ def bench_command(
     dtype: Dtype = "float32",
     device: Device = "cpu",
     threads: Threads = None,
+    ram_budget: RamBudget = None,
 ) -> None:
     """Speed and memory by context length: prefill tok/s, TTFT, decode tok/s, peak RSS, bytes moved per
     token, for blockmem methods and peers, with ratios against a baseline measured in the same run.
@@ -161,11 +173,12 @@ def bench_command(
     Every (system, length, repetition) runs in a fresh process, and the systems alternate within
     each repetition so that machine drift hits all of them.
     """
-    _friendly(_bench)(lengths, methods, peers, baseline, new_tokens, reps, out, model, dtype, device, threads)
+    _friendly(_bench)(lengths, methods, peers, baseline, new_tokens, reps, out, model, dtype, device, threads,
+                      ram_budget)
 
 
 def _bench(lengths: str, methods: str, peers: str | None, baseline: str, new_tokens: int, reps: int, out: Path,
-           model: str | None, dtype: str, device: str, threads: int | None) -> None:
+           model: str | None, dtype: str, device: str, threads: int | None, ram_budget: str | None) -> None:
     from blockmem.cli import err
     from blockmem.eval.bench import BenchPlan, run_bench
     from blockmem.eval.report import ratio_table
@@ -182,7 +195,8 @@ def _bench(lengths: str, methods: str, peers: str | None, baseline: str, new_tok
     if baseline not in [s.label for s in systems]:
         raise ConfigError(f"the baseline {baseline!r} is not among the systems", "name it in --methods or --peers")
     resolve(model)
-    plan = BenchPlan(model, _lengths(lengths), systems, reps, new_tokens, out, dtype, device, threads)
+    plan = BenchPlan(model, _lengths(lengths), systems, reps, new_tokens, out, dtype, device, threads,
+                     _budget(ram_budget))
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err)
     bar = progress.add_task("bench", total=len(plan.lengths) * len(systems) * reps)

@@ -37,6 +37,13 @@ def bench_records(records: list[Record]) -> list[Record]:
     return [r for r in records if r.get("bench")]
 
 
+def by_model(records: list[Record]) -> list[Record]:
+    """Records of several models side by side: their systems become MODEL/SYSTEM."""
+    if len({r.get("model") for r in records}) < 2:
+        return records
+    return [{**r, "system": f"{r.get('model')}/{r['system']}"} for r in records]
+
+
 def accuracy(records: list[Record]) -> dict[tuple[str, str, int], tuple[float | None, int, bool]]:
     """(system, task, length) -> (mean score, samples, refused)."""
     groups: dict[tuple[str, str, int], list[Record]] = defaultdict(list)
@@ -187,6 +194,7 @@ def ratio_table(records: list[Record], baseline: str) -> str:
 def write_report(records: list[Record], out: Path, baseline: str, plots: bool,
                  sources: list[str] | None = None) -> tuple[str, list[Path]]:
     """report.md (and PNGs) in `out`; returns the markdown and the files written."""
+    records = by_model(records)
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     images: list[tuple[str, Path]] = []

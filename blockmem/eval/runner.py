@@ -44,6 +44,7 @@ class EvalPlan:
     chunk: int = 1024
     options: TaskOptions = field(default_factory=TaskOptions)
     kvpress_python: str | None = None
+    ram_budget: str | None = None  # memory tiers for block-memory methods (bytes moved per token)
 
     def model_name(self) -> str:
         from blockmem.model.loader import resolve
@@ -98,8 +99,7 @@ def results_file(path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
         yield append
 
 
-def pending(plan: EvalPlan, done: set[Key], system: SystemSpec, length: int) -> list[tuple[str, int]]:
-    name = plan.model_name()
+def pending(plan: EvalPlan, name: str, done: set[Key], system: SystemSpec, length: int) -> list[tuple[str, int]]:
     return [(task, index) for task in plan.tasks for index in range(plan.samples)
             if (name, plan.seed, system.label, task, length, index) not in done]
 
@@ -113,7 +113,7 @@ def run_eval(plan: EvalPlan, on_record: Callable[[dict[str, Any]], None] | None 
         done = {_key(r) for r in read_records(plan.out) if "model" in r}
         for length in plan.lengths:
             for system in plan.systems:
-                work = pending(plan, done, system, length)
+                work = pending(plan, name, done, system, length)
                 if not work:
                     continue
                 if on_group:
@@ -121,7 +121,8 @@ def run_eval(plan: EvalPlan, on_record: Callable[[dict[str, Any]], None] | None 
                 job = {"system": asdict(system), "model": plan.model, "model_name": name, "dtype": plan.dtype,
                        "device": plan.device, "threads": plan.threads, "chunk": plan.chunk, "seed": plan.seed,
                        "length": length, "work": work, "task_options": asdict(plan.options),
-                       "kvpress_python": plan.kvpress_python, "log": str(_log(plan.out))}
+                       "kvpress_python": plan.kvpress_python, "ram_budget": plan.ram_budget,
+                       "log": str(_log(plan.out))}
                 failure = _run_worker(job, plan.out, append, on_record)
                 if failure:
                     failures.append(f"{system.label} at {length} tokens: {failure}")

@@ -186,12 +186,21 @@ class Answerer:
         pass
 
 
-class BlockmemAnswerer(Answerer):
-    def __init__(self, spec: SystemSpec, model: Any, chunk: int) -> None:
-        from blockmem.attention import create_method
-        from blockmem.engine import Engine
+def blockmem_engine(spec: SystemSpec, model: Any, chunk: int = 1024, ram_budget: str | None = None) -> Any:
+    """The Engine for a blockmem system; `ram_budget` turns memory tiers on for block-memory methods
+    (blocks past the budget spill to disk; bytes moved per token are then recorded)."""
+    from blockmem.attention import create_method
+    from blockmem.engine import Engine
+    from blockmem.memory.tiers import TierConfig, parse_size
 
-        self.engine = Engine(model, method=create_method(spec.method, **spec.options), prefill_chunk=chunk)
+    tiers = TierConfig(ram_budget=parse_size(ram_budget, "--ram-budget")) if ram_budget and spec.method != "dense" \
+        else None
+    return Engine(model, method=create_method(spec.method, **spec.options), prefill_chunk=chunk, tiers=tiers)
+
+
+class BlockmemAnswerer(Answerer):
+    def __init__(self, spec: SystemSpec, model: Any, chunk: int, ram_budget: str | None = None) -> None:
+        self.engine = blockmem_engine(spec, model, chunk, ram_budget)
 
     def answer(self, sample: Sample, context: list[int], question: list[int]) -> Answer:
         from blockmem.errors import ContextLengthError

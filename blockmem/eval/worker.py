@@ -28,7 +28,7 @@ def build(job: dict[str, Any], spec: SystemSpec) -> tuple[Answerer, Any]:
 
     if spec.kind == "blockmem":
         model = blockmem.load(job["model"], dtype=spec.dtype or job["dtype"], device=job["device"])
-        return BlockmemAnswerer(spec, model, job["chunk"]), model.tokenizer
+        return BlockmemAnswerer(spec, model, job["chunk"], job.get("ram_budget")), model.tokenizer
     path = resolve(job["model"])[1]
     tokenizer = load_tokenizer(job["model"])  # only the tokenizer: the peer's RSS stays its own
     if spec.kind == "transformers":

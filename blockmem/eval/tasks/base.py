@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from blockmem.errors import ConfigError
 from blockmem.eval.metrics import score
@@ -41,13 +40,6 @@ class Sample:
     def score(self, prediction: str) -> float:
         return score(self.metric, prediction, self.references)
 
-    def describe(self) -> dict[str, Any]:
-        """The fields a result record keeps (not the prompt text)."""
-        out = asdict(self)
-        del out["context"], out["question"], out["stop"]
-        out["references"] = list(self.references)
-        return out
-
 
 @dataclass(frozen=True)
 class TaskOptions:
@@ -56,7 +48,6 @@ class TaskOptions:
     depths: Sequence[float] = DEFAULT_DEPTHS
     squad: str | None = None  # SQuAD v1/v2 JSON file (qa_squad)
     hotpot: str | None = None  # HotpotQA JSON file (qa_hotpot)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def depth(self, index: int) -> float:
         """Depths cycle with the sample index, so N samples cover each depth N/len(depths) times."""
