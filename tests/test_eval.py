@@ -328,6 +328,8 @@ def test_summary_and_ratio_tables_hand_checked() -> None:
     ratios = ratio_table(bench, "base")
     assert "| x | 8K | 3 | 200.0 (100.0-300.0) | 4.00x |" in ratios and "| 20.0 (10.0-30.0) | 0.50x |" in ratios
     assert "| base | 8K | 1 | 50.0 | 1.00x |" in ratios
+    other_run = ratio_table([{**bench[0], "run": "r1"}, {**bench[-1], "run": "r2"}], "base")
+    assert "| r1 | x | 8K | 1 | 100.0 | – |" in other_run  # never a ratio against another run's baseline
     from blockmem.eval.report import by_model
 
     two = by_model([{**records[0], "model": "m1"}, {**records[0], "model": "m2"}])

@@ -81,7 +81,11 @@ def summary_table(records: list[Record]) -> str:
         averages = []
         for system in systems:
             means = [table[(system, t, length)][0] for t in tasks if (system, t, length) in table]
-            averages.append(f"**{100 * statistics.fmean(means):.1f}**" if means and None not in means else "–")
+            if not means or None in means:
+                averages.append("–")
+            else:  # an average over fewer tasks than the others is marked, not compared silently
+                partial = f" ({len(means)}/{len(tasks)} tasks)" if len(means) < len(tasks) else ""
+                averages.append(f"**{100 * statistics.fmean(means):.1f}**{partial}")
         lines += [f"| **average** | " + " | ".join(averages) + " |", ""]
     return "\n".join(lines).rstrip()
 
@@ -143,51 +147,59 @@ def _ppl(losses: list[float]) -> str:
 
 
 def ratio_table(records: list[Record], baseline: str) -> str:
-    """bench records: medians (min-max) per system and length, ratios against `baseline`."""
+    """bench records: medians (min-max) per system and length, ratios against `baseline` measured in
+    the same run (a `blockmem bench` invocation); several runs get a run column, never mixed."""
     records = bench_records(records)
     if not records:
         return ""
-    groups: dict[tuple[str, int], list[Record]] = defaultdict(list)
+    Key = tuple[str, str, int]  # run, system, length
+    groups: dict[Key, list[Record]] = defaultdict(list)
     for r in records:
-        groups[(r["system"], r["length"])].append(r)
+        groups[(r.get("run", ""), r["system"], r["length"])].append(r)
 
-    def mid(system: str, length: int, key: str) -> float | None:
-        values = [r[key] for r in groups.get((system, length), []) if r.get(key) is not None]
-        return statistics.median(values) if values else None
+    def values(key: Key, field: str) -> list[float]:
+        return [r[field] for r in groups.get(key, []) if r.get(field) is not None]
 
-    def cell(system: str, length: int, key: str, digits: int = 1) -> str:
-        values = [r[key] for r in groups.get((system, length), []) if r.get(key) is not None]
-        if not values:
+    def mid(key: Key, field: str) -> float | None:
+        found = values(key, field)
+        return statistics.median(found) if found else None
+
+    def cell(key: Key, field: str, digits: int = 1) -> str:
+        found = values(key, field)
+        if not found:
             return "–"
-        spread = f" ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else ""
-        return f"{statistics.median(values):.{digits}f}{spread}"
+        spread = f" ({min(found):.{digits}f}-{max(found):.{digits}f})" if len(found) > 1 else ""
+        return f"{statistics.median(found):.{digits}f}{spread}"
 
-    def ratio(system: str, length: int, key: str) -> str:
-        value, base = mid(system, length, key), mid(baseline, length, key)
+    def ratio(key: Key, field: str) -> str:
+        value, base = mid(key, field), mid((key[0], baseline, key[2]), field)
         return f"{value / base:.2f}x" if value and base else "–"
 
-    lines = [f"| system | length | runs | prefill tok/s | vs {baseline} | TTFT s | decode tok/s | vs {baseline} | "
-             "peak RSS MiB | tokens read per step | MiB moved per token |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    runs = _ordered(r.get("run", "") for r in records)
+    column = len(runs) > 1
+    lines = [f"| {'run | ' if column else ''}system | length | runs | prefill tok/s | vs {baseline} | TTFT s | "
+             f"decode tok/s | vs {baseline} | peak RSS MiB | tokens read per step | MiB moved per token |",
+             "|---" * (12 if column else 11) + "|"]
     systems = _ordered(r["system"] for r in records)
     for length in sorted({r["length"] for r in records}):
-        for system in systems:
-            group = groups.get((system, length))
-            if not group:
-                continue
-            refused = next((r["refused"] for r in group if r.get("refused")), None)
-            error = next((r["error"] for r in group if r.get("error")), None)
-            if refused or error:
-                lines.append(f"| {system} | {_k(length)} | – | {'refused' if refused else 'error: ' + error[:50]} "
-                             "| | | | | | | |")
-                continue
-            moved = mid(system, length, "bytes_moved_per_token")
-            read = mid(system, length, "tokens_attended")
-            lines.append(f"| {system} | {_k(length)} | {len(group)} | {cell(system, length, 'prefill_tok_s')} | "
-                         f"{ratio(system, length, 'prefill_tok_s')} | {cell(system, length, 'ttft', 2)} | "
-                         f"{cell(system, length, 'decode_tok_s')} | {ratio(system, length, 'decode_tok_s')} | "
-                         f"{mid(system, length, 'peak_rss_mib') or 0:.0f} | {f'{read:.0f}' if read else '–'} | "
-                         f"{f'{moved / 2**20:.2f}' if moved else '–'} |")
+        for run in runs:
+            for system in systems:
+                key = (run, system, length)
+                group = groups.get(key)
+                if not group:
+                    continue
+                first = f"| {run} | {system}" if column else f"| {system}"
+                refused = next((r["refused"] for r in group if r.get("refused")), None)
+                error = next((r["error"] for r in group if r.get("error")), None)
+                if refused or error:
+                    lines.append(f"{first} | {_k(length)} | – | {'refused' if refused else 'error: ' + error[:50]} "
+                                 "| | | | | | | |")
+                    continue
+                moved, read = mid(key, "bytes_moved_per_token"), mid(key, "tokens_attended")
+                lines.append(f"{first} | {_k(length)} | {len(group)} | {cell(key, 'prefill_tok_s')} | "
+                             f"{ratio(key, 'prefill_tok_s')} | {cell(key, 'ttft', 2)} | {cell(key, 'decode_tok_s')} | "
+                             f"{ratio(key, 'decode_tok_s')} | {mid(key, 'peak_rss_mib') or 0:.0f} | "
+                             f"{f'{read:.0f}' if read else '–'} | {f'{moved / 2**20:.2f}' if moved else '–'} |")
     return "\n".join(lines)
 
 
