@@ -167,9 +167,9 @@ def bench_command(
     threads: Threads = None,
     ram_budget: RamBudget = None,
 ) -> None:
-    """Speed and memory by context length: prefill tok/s, TTFT, decode tok/s, peak RSS, bytes moved per
-    token, for blockmem methods and peers, with ratios against a baseline measured in the same run.
+    """Time methods and peers by context length, with ratios against a baseline from the same run.
 
+    Measures prefill tok/s, TTFT, decode tok/s, peak RSS, tokens read and bytes moved per token.
     Every (system, length, repetition) runs in a fresh process, and the systems alternate within
     each repetition so that machine drift hits all of them.
     """
@@ -215,8 +215,10 @@ def report_command(
     baseline: Annotated[str, typer.Option(help="bench: ratios against this system.")] = "llamacpp",
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw PNG plots (needs matplotlib).")] = True,
 ) -> None:
-    """Markdown tables (per task and length) and plots (accuracy heatmap by length x depth, accuracy vs
-    length, decode speed and peak memory vs length, perplexity by position) from results files."""
+    """Markdown tables and PNG plots from eval and bench results files.
+
+    Tables per task and length; plots: accuracy heatmap (length x depth), accuracy vs length,
+    decode speed and peak memory vs length, perplexity by position."""
     _friendly(_report)(results, out, baseline, plots)
 
 
