@@ -31,6 +31,14 @@ ProgressFn = Callable[[int, int], None]  # (tokens prefilled so far, total)
 Messages = list[dict[str, str]]
 
 
+def next_token_losses(logits: torch.Tensor, ids: list[int], start: int) -> torch.Tensor:
+    """Negative log-likelihoods of ids[start + 1 : start + n + 1], given the logits [n, vocab]
+    computed at ids[start : start + n] (the last position has no target inside `ids`)."""
+    targets = torch.tensor(ids[start + 1:start + logits.shape[0] + 1], device=logits.device)
+    logp = torch.log_softmax(logits[:len(targets)].float(), dim=-1)
+    return -logp.gather(1, targets[:, None])[:, 0]
+
+
 @dataclass
 class Completion:
     text: str
@@ -138,9 +146,7 @@ class Engine:
             for start in range(0, len(ids), self.prefill_chunk):
                 chunk = ids[start:start + self.prefill_chunk]
                 logits = decoder(torch.tensor([chunk], device=decoder.device), cache, Logits.ALL)[0]
-                targets = torch.tensor(ids[start + 1:start + len(chunk) + 1], device=decoder.device)
-                logp = torch.log_softmax(logits[:len(targets)].float(), dim=-1)
-                losses.append(-logp.gather(1, targets[:, None])[:, 0].cpu())
+                losses.append(next_token_losses(logits, ids, start).cpu())
                 if on_prefill is not None:
                     on_prefill(start + len(chunk), len(ids))
         finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from blockmem.eval.runner import results_file
-from blockmem.eval.systems import SystemSpec, blockmem_engine
+from blockmem.eval.systems import SystemSpec, blockmem_engine, load_transformers, open_llama
 
 TEXT = ("The library opens at nine. Readers come for newspapers, students for quiet tables, and the old "
         "men for the chess boards by the window. In the afternoon the light moves across the shelves. ")
@@ -122,13 +122,9 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
 
 def _transformers(path: Path, ids: list[int], new_tokens: int) -> dict[str, float]:
     import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import DynamicCache
 
-    transformers.logging.set_verbosity_error()
-    kwargs = {"gguf_file": path.name} if path.is_file() else {}
-    ref = AutoModelForCausalLM.from_pretrained(str(path.parent if path.is_file() else path), dtype=torch.float32,
-                                               attn_implementation="sdpa", **kwargs).eval()
+    ref = load_transformers(path)
     with torch.inference_mode():
         cache = DynamicCache()
         started = time.perf_counter()
@@ -145,13 +141,7 @@ def _transformers(path: Path, ids: list[int], new_tokens: int) -> dict[str, floa
 
 
 def _llamacpp(path: Path, ids: list[int], new_tokens: int, threads: int | None, flash_attn: bool) -> dict[str, float]:
-    import os
-
-    from llama_cpp import Llama
-
-    threads = threads or os.cpu_count() or 1
-    llm = Llama(str(path), n_ctx=len(ids) + new_tokens + 16, n_threads=threads, n_threads_batch=threads,
-                n_batch=512, flash_attn=flash_attn, verbose=False)
+    llm = open_llama(path, len(ids) + new_tokens + 16, threads, flash_attn)
     started = time.perf_counter()
     llm.eval(ids)
     prefill = time.perf_counter() - started

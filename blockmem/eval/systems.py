@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blockmem.engine.generate import next_token_losses
 from blockmem.engine.stats import peak_rss_bytes
 from blockmem.engine.stops import StopMatcher
 from blockmem.errors import ConfigError
@@ -220,20 +221,41 @@ class BlockmemAnswerer(Answerer):
         return self.engine.token_losses(ids).tolist()
 
 
+def load_transformers(path: Path) -> Any:
+    """The transformers peer's model: float32, SDPA, from the same GGUF file or HF directory."""
+    import torch
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ConfigError("the transformers peer needs transformers and accelerate",
+                          'pip install "blockmem[peers]"') from None
+    transformers.logging.set_verbosity_error()
+    kwargs = {"gguf_file": path.name} if path.is_file() else {}
+    return AutoModelForCausalLM.from_pretrained(str(path.parent if path.is_file() else path), dtype=torch.float32,
+                                                attn_implementation="sdpa", **kwargs).eval()
+
+
+def open_llama(path: Path, context: int, threads: int | None, flash_attn: bool = False) -> Any:
+    """The llama.cpp peer on the same GGUF file, with `context` tokens of KV cache."""
+    if path.is_dir() or path.suffix != ".gguf":
+        raise ConfigError("the llamacpp peer needs the model as a .gguf file", "pass --model FILE.gguf or a "
+                          "packaged model name")
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise ConfigError("the llamacpp peer needs llama-cpp-python", 'pip install "blockmem[peers]" (it '
+                          "compiles llama.cpp: several minutes)") from None
+    import os
+
+    threads = threads or os.cpu_count() or 1
+    return Llama(str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                 flash_attn=flash_attn, verbose=False)
+
+
 class TransformersAnswerer(Answerer):
     def __init__(self, path: Path, tokenizer: Tokenizer) -> None:
-        import torch
-        try:
-            import transformers
-            from transformers import AutoModelForCausalLM
-        except ImportError:
-            raise ConfigError("the transformers peer needs transformers and accelerate",
-                              'pip install "blockmem[peers]"') from None
-        transformers.logging.set_verbosity_error()
-        kwargs = {"gguf_file": path.name} if path.is_file() else {}
-        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent if path.is_file() else path),
-                                                          dtype=torch.float32, attn_implementation="sdpa",
-                                                          **kwargs).eval()
+        self.model = load_transformers(path)
         self.tokenizer = tokenizer
 
     def answer(self, sample: Sample, context: list[int], question: list[int]) -> Answer:
@@ -266,29 +288,15 @@ class TransformersAnswerer(Answerer):
             cache = DynamicCache()
             for start in range(0, len(ids), 1024):
                 chunk = ids[start:start + 1024]
-                logits = self.model(torch.tensor([chunk]), past_key_values=cache).logits[0].float()
-                targets = ids[start + 1:start + len(chunk) + 1]
-                logp = torch.log_softmax(logits[:len(targets)], dim=-1)
-                out += (-logp.gather(1, torch.tensor(targets)[:, None])[:, 0]).tolist()
+                logits = self.model(torch.tensor([chunk]), past_key_values=cache).logits[0]
+                out += next_token_losses(logits, ids, start).tolist()
         return out
 
 
 class LlamaCppAnswerer(Answerer):
     def __init__(self, path: Path, tokenizer: Tokenizer, context: int, threads: int | None,
                  flash_attn: bool = False) -> None:
-        if path.is_dir() or path.suffix != ".gguf":
-            raise ConfigError("the llamacpp peer needs the model as a .gguf file", "pass --model FILE.gguf or a "
-                              "packaged model name")
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            raise ConfigError("the llamacpp peer needs llama-cpp-python", 'pip install "blockmem[peers]" (it '
-                              "compiles llama.cpp: several minutes)") from None
-        import os
-
-        threads = threads or os.cpu_count() or 1
-        self.llm = Llama(str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                         flash_attn=flash_attn, verbose=False)
+        self.llm = open_llama(path, context, threads, flash_attn)
         self.tokenizer = tokenizer
 
     def answer(self, sample: Sample, context: list[int], question: list[int]) -> Answer:

@@ -75,6 +75,11 @@ def _needle(noun: str, key: str, value: str) -> str:
     return f"One of the special magic {noun} for {key} is: {value}. "
 
 
+def _noise(tokenizer: Tokenizer, budget: int) -> list[str]:
+    """Enough filler sentences for `budget` tokens (with room: `fit` takes what it needs)."""
+    return [NOISE] * (budget * 3 // (2 * len(tokenizer.encode(NOISE, special=False))) + 16)
+
+
 def _essay_units(rng: random.Random, count: int) -> list[str]:
     verses = prose_verses()
     start = rng.randrange(len(verses))
@@ -98,7 +103,7 @@ def niah(name: str, tokenizer: Tokenizer, length: int, index: int, seed: int, op
                for i, key in enumerate(keys) for j, value in enumerate(values[key])]
     budget = length - (max_new_tokens or _niah_output(spec))
     if spec.haystack == "noise":
-        pool = [NOISE] * (budget * 3 // (2 * len(tokenizer.encode(NOISE, special=False))) + 16)
+        pool = _noise(tokenizer, budget)
     elif spec.haystack == "essay":
         pool = _essay_units(rng, budget // 8 + 16)  # verses have > 8 tokens
     else:  # distractor needles with other keys and values
@@ -142,7 +147,7 @@ def vt(tokenizer: Tokenizer, length: int, index: int, seed: int, options: TaskOp
     depths = sorted(rng.random() for _ in statements)  # in order: each hop after the one it names
     needles = list(zip(depths, statements))
     budget = length - max_new_tokens
-    pool = [NOISE] * (budget * 3 // (2 * len(tokenizer.encode(NOISE, special=False))) + 16)
+    pool = _noise(tokenizer, budget)
     intro = "Memorize and track the chain of variable assignments hidden in the following text.\n\n"
     question = (f"\nQuestion: Find every variable that is assigned the value {value}, directly or through other "
                 f"variables, in the text above. Answer: Following the chain of assignments in the text above, "
