@@ -206,6 +206,7 @@ def test_system_specs_are_validated() -> None:
     assert systems[1].options == {"topk": 8, "n_local": 64}
     for methods, peers, message in (("quick", None, "unknown attention method"),
                                     ("infllm:topk=8,bogus=1", None, "does not apply"),
+                                    ("infllm:topk=abc", None, "are not valid"),
                                     ("dense", "vllm", "unknown peer"),
                                     ("dense", "kvpress:magic", "unknown kvpress press"),
                                     ("dense,dense", None, "named twice"),

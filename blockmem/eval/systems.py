@@ -96,7 +96,11 @@ def parse_systems(methods: str | None, peers: str | None, kv_ratio: float = 0.5)
     for spec in split_methods(methods or ""):
         method, _, dtype = spec.partition("@")
         name, options = parse_method(method)
-        create_method(name, **options)  # validates the name and options now, not in a worker
+        try:
+            create_method(name, **options)  # validates the name and options now, not in a worker
+        except (TypeError, ValueError) as exc:  # a value of the wrong type, e.g. topk=abc
+            raise ConfigError(f"the options of {method!r} are not valid ({exc})",
+                              "write numbers as numbers, e.g. infllm:topk=8,n_local=1024") from None
         if dtype:
             from blockmem.model.loader import parse_dtype
 
