@@ -6,6 +6,9 @@ hits both, and each figure is the median of --reps runs after one warm-up.
 
     python benchmarks/bench_dense.py --lengths 1024,4096,8160 --reps 3 --threads 2
 
+--dtype bfloat16 runs both systems in bfloat16; --dtype int4 runs blockmem with 4-bit weights
+(bfloat16 compute) against transformers in float32, the reference the Foundation issue names.
+
 Prints a table of medians (with min-max spread) and the blockmem/transformers ratios, and writes
 the same as JSON with --out. Ratios > 1 mean blockmem is faster.
 """
@@ -85,17 +88,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per system and length")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both systems")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="weights and activations, for both systems")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int4"],
+                        help="weights and activations, for both systems (int4: blockmem only, transformers float32)")
     parser.add_argument("--out", type=Path, help="write results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     model = blockmem.load(args.model, device="cpu", dtype=args.dtype)
+    ref_dtype = torch.float32 if args.dtype == "int4" else getattr(torch, args.dtype)
     engine = blockmem.Engine(model)
     ref = AutoModelForCausalLM.from_pretrained(str(model.path.parent), gguf_file=model.path.name,
-                                               dtype=getattr(torch, args.dtype), attn_implementation="sdpa").eval()
+                                               dtype=ref_dtype, attn_implementation="sdpa").eval()
     lengths = [int(x) for x in args.lengths.split(",")]
     results = []
     for length in lengths:
@@ -114,7 +118,8 @@ def main() -> None:
         row["prefill_ratio"] = row["blockmem"]["prefill_tok_s"]["median"] / row["transformers"]["prefill_tok_s"]["median"]
         row["decode_ratio"] = row["blockmem"]["decode_tok_s"]["median"] / row["transformers"]["decode_tok_s"]["median"]
         results.append(row)
-    report = {"machine": machine(), "model": args.model, "dtype": args.dtype, "threads": args.threads, "reps": args.reps,
+    report = {"machine": machine(), "model": args.model, "dtype": args.dtype,
+              "transformers_dtype": str(ref_dtype).removeprefix("torch."), "threads": args.threads, "reps": args.reps,
               "new_tokens": args.new_tokens, "peak_rss_bytes": peak_rss_bytes(), "results": results}
     print_table(report)
     if args.out:
@@ -125,7 +130,7 @@ def print_table(report: dict) -> None:
     def cell(stat: dict[str, float]) -> str:
         return f"{stat['median']:.1f} ({stat['min']:.1f}-{stat['max']:.1f})"
 
-    print(f"\n{report['model']} {report['dtype']}, {report['threads']} threads, median of {report['reps']} (min-max), "
+    print(f"\n{report['model']} blockmem {report['dtype']} vs transformers {report.get('transformers_dtype', report['dtype'])}, {report['threads']} threads, median of {report['reps']} (min-max), "
           f"{report['new_tokens']} new tokens; {report['machine']}")
     print("| prompt tokens | blockmem prefill tok/s | transformers prefill tok/s | ratio | "
           "blockmem decode tok/s | transformers decode tok/s | ratio |")

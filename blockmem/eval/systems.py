@@ -3,7 +3,7 @@
 A system is named by a spec string:
 
 - a blockmem method with optional options and dtype: `dense`, `infllm`, `infllm:topk=8,n_local=1024`,
-  `infllm@bfloat16`;
+  `infllm@bfloat16`, `infllm@int4` (4-bit weights for decode);
 - `transformers`: Hugging Face transformers, dense SDPA attention, float32, on the same weights
   (the same GGUF, dequantized by transformers; needs `transformers` and `accelerate`);
 - `llamacpp`: llama.cpp through `llama-cpp-python` on the same GGUF (computes on the quantized
@@ -102,9 +102,9 @@ def parse_systems(methods: str | None, peers: str | None, kv_ratio: float = 0.5)
             raise ConfigError(f"the options of {method!r} are not valid ({exc})",
                               "write numbers as numbers, e.g. infllm:topk=8,n_local=1024") from None
         if dtype:
-            from blockmem.model.loader import parse_dtype
+            from blockmem.model.loader import parse_precision
 
-            parse_dtype(dtype)
+            parse_precision(dtype)
         systems.append(SystemSpec(spec, "blockmem", name, options, dtype=dtype or None))
     for spec in filter(None, (p.strip() for p in (peers or "").split(","))):
         kind, _, rest = spec.partition(":")

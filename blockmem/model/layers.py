@@ -3,7 +3,8 @@
 On CPU, decoding one token is a chain of matrix-vector products bound by how fast weights
 stream from memory. `F.linear` on the usual [out, in] layout reaches ~10 GB/s on a 2-core
 EPYC; oneDNN's prepacked layout reaches ~20 GB/s and is faster for prefill too. `Linear.pack()`
-switches a layer to it; the plain path stays as the reference (tests compare the two).
+switches a layer to it; the plain path stays as the reference (tests compare the two). A layer
+can also hold a 4-bit copy (`model/int4.py`) that serves the few-row calls of decoding.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from blockmem.config import Activation
+from blockmem.model import int4
 
 
 class Linear(nn.Module):
@@ -24,6 +26,7 @@ class Linear(nn.Module):
         self.weight: nn.Parameter | None = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN-blocked copy of weight, when packed
+        self.int4: int4.Int4Weight | None = None  # 4-bit copy for decode-sized calls (--dtype int4)
 
     def pack(self) -> bool:
         """Switch to the prepacked oneDNN weight; returns False where that path is unavailable."""
@@ -34,10 +37,15 @@ class Linear(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        if self.int4 is not None and flat.shape[0] <= int4.MAX_ROWS:
+            out = self.int4.matmul(flat.to(torch.bfloat16)).to(x.dtype)
+            if self.bias is not None:
+                out = out + self.bias
+        elif self.packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        else:
+            return F.linear(x, self.weight, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 

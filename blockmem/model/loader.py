@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from blockmem.config import ModelConfig
+from blockmem.engine.stats import trim_heap
 from blockmem.errors import ConfigError, ModelError
+from blockmem.model import int4
 from blockmem.model.catalog import CATALOG, DEFAULT_MODEL
 from blockmem.model.decoder import Decoder
 from blockmem.model.gguf import config_from_gguf, gguf_tensors
@@ -32,10 +34,19 @@ class Model:
     name: str
     path: Path
     load_seconds: float
+    quant: str | None = None  # "int4": 4-bit weights serve decode steps (compute in decoder.dtype)
+
+    @property
+    def precision(self) -> str:
+        """What `load(dtype=...)` was given, normalised: float32, bfloat16, float16 or int4."""
+        return self.quant or str(self.decoder.dtype).removeprefix("torch.")
 
     @property
     def has_chat_template(self) -> bool:
         return bool(self.tokenizer.chat_template)
+
+
+QUANTIZED = {"int4": torch.bfloat16, "q4": torch.bfloat16}  # quantized weights -> their compute dtype
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -45,6 +56,16 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return DTYPES[dtype.lower()]
     except KeyError:
         raise ConfigError(f"unknown dtype {dtype!r}", "use float32, bfloat16 or float16") from None
+
+
+def parse_precision(dtype: str | torch.dtype) -> tuple[torch.dtype, str | None]:
+    """A model precision: a torch dtype, or `int4` (4-bit weights for decode, bfloat16 compute)."""
+    if isinstance(dtype, str) and dtype.lower() in QUANTIZED:
+        return QUANTIZED[dtype.lower()], "int4"
+    try:
+        return parse_dtype(dtype), None
+    except ConfigError:
+        raise ConfigError(f"unknown dtype {dtype!r}", "use float32, bfloat16, float16 or int4") from None
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -82,10 +103,18 @@ def load_tokenizer(model: str | Path | None = None) -> Tokenizer:
 
 def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "float32",
          device: str | torch.device = "auto", pack: bool = True) -> Model:
-    """Load a model. `pack` switches CPU linear layers to oneDNN's prepacked fast path."""
+    """Load a model. `dtype`: float32, bfloat16, float16, or int4 (bfloat16 compute; decode steps
+    read 4-bit copies of the linear weights; CPU only). `pack` switches CPU linear layers to
+    oneDNN's prepacked fast path."""
     started = time.perf_counter()
+    (torch_dtype, quant), torch_device = parse_precision(dtype), parse_device(device)
+    if quant and torch_device.type != "cpu":
+        raise ConfigError(f"--dtype {dtype} (4-bit weights) runs on CPU only, not on {torch_device}",
+                          "use --dtype bfloat16 on a GPU, or --device cpu")
+    if quant and not int4.available():
+        raise ConfigError(f"this torch build ({torch.__version__}) lacks the CPU 4-bit kernels --dtype int4 needs",
+                          "use --dtype bfloat16, or install torch 2.13.0")
     name, path = resolve(model)
-    torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     if path.is_dir():
         config = config_from_hf(read_json(path / "config.json"), str(path))
         tokenizer = tokenizer_from_hf(path)
@@ -95,5 +124,6 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "float32
         config = config_from_gguf(gguf)
         tokenizer = tokenizer_from_gguf(gguf.metadata, str(path))
         tensors = gguf_tensors(gguf, config)
-    decoder = build_model(config, tensors, torch_dtype, torch_device, str(path), pack=pack)
-    return Model(decoder, tokenizer, config, name, path, time.perf_counter() - started)
+    decoder = build_model(config, tensors, torch_dtype, torch_device, str(path), pack=pack, quant=quant)
+    trim_heap()  # the float32 decode of the file is freed by now: give its pages back (~100-200 MB)
+    return Model(decoder, tokenizer, config, name, path, time.perf_counter() - started, quant)
