@@ -273,7 +273,7 @@ def test_sparse_methods_accept_prompts_past_the_window(tiny) -> None:
 
 
 @pytest.mark.parametrize("prefix", [0, 3])
-def test_working_set_holds_exactly_the_selected_blocks(prefix: int) -> None:
+def test_working_set_holds_exactly_the_selected_blocks(prefix: int, monkeypatch) -> None:
     from blockmem.attention.sparse import WorkingSet
     from blockmem.memory.store import BlockStore
 
@@ -282,16 +282,24 @@ def test_working_set_holds_exactly_the_selected_blocks(prefix: int) -> None:
     for b in range(10):
         store.append(torch.full((2, 4, 3), float(b)) + torch.arange(2.0)[:, None, None] / 10, torch.full((2, 4, 3), -b),
                      {})
-    ids = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    ids = torch.tensor([[0, 1, 2], [0, 1, 2]])
     sinks = torch.full((1, 2, prefix, 3), 99.0)
+    shared_updates = []
+    monkeypatch.setattr(WorkingSet, "_update_shared", lambda self, *a, _real=WorkingSet._update_shared:
+                        shared_updates.append(1) or _real(self, *a))
     keys, values = store.gather(ids)
     working = WorkingSet(ids.clone(), torch.cat([sinks, keys], 2), torch.cat([sinks, values], 2), prefix)
     g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        ids = torch.stack([torch.randperm(10, generator=g)[:3].sort().values for _ in range(2)])
+    for step in range(40):
+        # runs of one selection shared by both heads (InfLLM's default) and of per-head ones
+        shared = step % 8 < 4
+        ids = torch.stack([torch.randperm(10, generator=g)[:3].sort().values for _ in range(1 if shared else 2)])
+        ids = ids.expand(2, -1) if shared else ids
         working.update(store, ids)
         for head in range(2):
-            held = working.keys[0, head, prefix:].view(3, 4, 3)[:, 0, 0].round().long().tolist()
-            assert sorted(held) == ids[head].tolist() == sorted(working.slots[head].tolist())
+            held = working.keys[0, head, prefix:].view(3, 4, 3)[:, 0, 0]
+            assert sorted(held.round().long().tolist()) == ids[head].tolist() == sorted(working.slots[head].tolist())
+            assert torch.allclose(held, working.slots[head].float() + head / 10)  # this head's keys
             assert torch.equal(working.values[0, head, prefix:].view(3, 4, 3)[:, 0, 0], -working.slots[head].float())
             assert (working.keys[0, head, :prefix] == 99).all()  # the sinks are never overwritten
+    assert len(shared_updates) >= 4  # the one-copy path for a shared selection ran

@@ -134,9 +134,14 @@ class WorkingSet:
 
     def update(self, store: BlockStore, ids: torch.Tensor) -> None:
         heads, k = ids.shape
+        slots = self.slots.tolist()
+        wanted_ids = ids.tolist()
+        if all(row == slots[0] for row in slots) and all(row == wanted_ids[0] for row in wanted_ids):
+            self._update_shared(store, slots[0], wanted_ids[0])  # one selection for every head
+            return
         changes = []  # (head, free slots, blocks to add)
         for head in range(heads):
-            old, new = self.slots[head].tolist(), ids[head].tolist()
+            old, new = slots[head], wanted_ids[head]
             if old == new:
                 continue
             wanted, held = set(new), set(old)
@@ -155,6 +160,20 @@ class WorkingSet:
                 view = target[0, head, self.prefix:].view(k, store.block_size, store.head_dim)
                 view[slot_index] = picked[:, part, head]
             self.slots[head, slot_index] = torch.tensor(added, device=ids.device)
+
+    def _update_shared(self, store: BlockStore, old: list[int], new: list[int]) -> None:
+        """Every head held and wants the same blocks: one fetch and one copy per part for all heads."""
+        held, wanted = set(old), set(new)
+        added = [block for block in new if block not in held]
+        if not added:
+            return
+        free = torch.tensor([slot for slot, block in enumerate(old) if block not in wanted], device=self.slots.device)
+        pages = store.pages(added)  # [n, 2, Hkv, block, D]
+        heads, k = self.slots.shape
+        for part, target in enumerate((self.keys, self.values)):
+            view = target[0, :, self.prefix:].view(heads, k, store.block_size, store.head_dim)
+            view[:, free] = pages[:, part].transpose(0, 1)
+        self.slots[:, free] = torch.tensor(added, device=self.slots.device)
 
 
 class SparseLayer(LayerCache):
