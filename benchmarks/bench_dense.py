@@ -28,6 +28,7 @@ import torch
 
 import blockmem
 from blockmem.engine.stats import peak_rss_bytes
+from blockmem.eval.systems import cache_kwargs
 
 TEXT = ("The library opens at nine. Readers come for newspapers, students for quiet tables, and the old "
         "men for the chess boards by the window. In the afternoon the light moves across the shelves. ")
@@ -52,12 +53,12 @@ def run_transformers(model: torch.nn.Module, ids: list[int], new_tokens: int) ->
     prompt = torch.tensor([ids])
     cache = DynamicCache()
     start = time.perf_counter()
-    out = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(prompt, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
-        out = model(token, past_key_values=cache, use_cache=True)
+        out = model(token, **cache_kwargs(model, cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
     decode = time.perf_counter() - start
     return len(ids) / prefill, (new_tokens - 1) / decode

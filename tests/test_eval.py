@@ -215,6 +215,22 @@ def test_system_specs_are_validated() -> None:
             parse_systems(methods, peers)
     with pytest.raises(ConfigError, match="kv-ratio"):
         parse_systems("dense", None, 1.5)
+    assert parse_systems("infllm@int4", None)[0].dtype == "int4"
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        parse_systems("infllm@int3", None)
+
+
+def test_transformers_cache_argument_follows_the_installed_version() -> None:
+    from blockmem.eval.systems import cache_kwargs
+
+    class Renamed:  # transformers 5.2x: forward(..., cache=...)
+        def forward(self, input_ids, cache=None, past_key_values=None): ...
+
+    class Older:
+        def forward(self, input_ids, past_key_values=None): ...
+
+    assert cache_kwargs(Renamed(), "C") == {"cache": "C"}
+    assert cache_kwargs(Older(), "C") == {"past_key_values": "C"}
 
 
 def test_kvpress_peer_without_kvpress_is_a_clear_error(tok, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from blockmem.eval.runner import results_file
-from blockmem.eval.systems import SystemSpec, blockmem_engine, load_transformers, open_llama
+from blockmem.eval.systems import SystemSpec, blockmem_engine, cache_kwargs, load_transformers, open_llama
 
 TEXT = ("The library opens at nine. Readers come for newspapers, students for quiet tables, and the old "
         "men for the chess boards by the window. In the afternoon the light moves across the shelves. ")
@@ -128,13 +128,13 @@ def _transformers(path: Path, ids: list[int], new_tokens: int) -> dict[str, floa
     with torch.inference_mode():
         cache = DynamicCache()
         started = time.perf_counter()
-        out = ref(torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = ref(torch.tensor([ids]), **cache_kwargs(ref, cache), use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - started
         token = out.logits[:, -1:].argmax(-1)
         ttft = time.perf_counter() - started
         started = time.perf_counter()
         for _ in range(new_tokens - 1):
-            token = ref(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = ref(token, **cache_kwargs(ref, cache), use_cache=True).logits[:, -1:].argmax(-1)
         decode = time.perf_counter() - started
     return {"prefill_tok_s": round(len(ids) / prefill, 2), "ttft": round(ttft, 3),
             "decode_tok_s": round((new_tokens - 1) / decode, 2)}

@@ -19,6 +19,8 @@ answer is detokenized by blockmem's tokenizer, so only the attention computation
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import subprocess
 import sys
@@ -240,6 +242,17 @@ def load_transformers(path: Path) -> Any:
                                                 attn_implementation="sdpa", **kwargs).eval()
 
 
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """The KV cache as `model.forward` wants it: transformers 5.2x renamed `past_key_values` to
+    `cache` (the old name warns that it will go); older versions only know `past_key_values`."""
+    return {_cache_argument(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def open_llama(path: Path, context: int, threads: int | None, flash_attn: bool = False) -> Any:
     """The llama.cpp peer on the same GGUF file, with `context` tokens of KV cache."""
     if path.is_dir() or path.suffix != ".gguf":
@@ -270,13 +283,13 @@ class TransformersAnswerer(Answerer):
         with torch.inference_mode():
             cache = DynamicCache()
             started = time.perf_counter()
-            logits = self.model(torch.tensor([ids]), past_key_values=cache, logits_to_keep=1).logits
+            logits = self.model(torch.tensor([ids]), **cache_kwargs(self.model, cache), logits_to_keep=1).logits
             prefill = time.perf_counter() - started
             first = int(logits[0, -1].argmax())
             ttft = time.perf_counter() - started
 
             def step(token: int) -> int:
-                return int(self.model(torch.tensor([[token]]), past_key_values=cache).logits[0, -1].argmax())
+                return int(self.model(torch.tensor([[token]]), **cache_kwargs(self.model, cache)).logits[0, -1].argmax())
 
             tokens, text, steps = greedy(first, step, sample, self.tokenizer)
             decode = time.perf_counter() - started - ttft
@@ -292,7 +305,7 @@ class TransformersAnswerer(Answerer):
             cache = DynamicCache()
             for start in range(0, len(ids), 1024):
                 chunk = ids[start:start + 1024]
-                logits = self.model(torch.tensor([chunk]), past_key_values=cache).logits[0]
+                logits = self.model(torch.tensor([chunk]), **cache_kwargs(self.model, cache)).logits[0]
                 out += next_token_losses(logits, ids, start).tolist()
         return out
 
