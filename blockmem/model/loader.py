@@ -107,7 +107,8 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype = "float32
     read 4-bit copies of the linear weights; CPU only). `pack` switches CPU linear layers to
     oneDNN's prepacked fast path."""
     started = time.perf_counter()
-    (torch_dtype, quant), torch_device = parse_precision(dtype), parse_device(device)
+    torch_dtype, quant = parse_precision(dtype)
+    torch_device = torch.device("cpu") if quant and str(device) == "auto" else parse_device(device)
     if quant and torch_device.type != "cpu":
         raise ConfigError(f"--dtype {dtype} (4-bit weights) runs on CPU only, not on {torch_device}",
                           "use --dtype bfloat16 on a GPU, or --device cpu")
