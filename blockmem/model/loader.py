@@ -46,9 +46,6 @@ class Model:
         return bool(self.tokenizer.chat_template)
 
 
-QUANTIZED = {"int4": torch.bfloat16, "q4": torch.bfloat16}  # quantized weights -> their compute dtype
-
-
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -60,8 +57,8 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def parse_precision(dtype: str | torch.dtype) -> tuple[torch.dtype, str | None]:
     """A model precision: a torch dtype, or `int4` (4-bit weights for decode, bfloat16 compute)."""
-    if isinstance(dtype, str) and dtype.lower() in QUANTIZED:
-        return QUANTIZED[dtype.lower()], "int4"
+    if isinstance(dtype, str) and dtype.lower() == "int4":
+        return torch.bfloat16, "int4"
     try:
         return parse_dtype(dtype), None
     except ConfigError:
