@@ -14,7 +14,7 @@ from blockmem.attention.base import LayerSpec
 from blockmem.attention.sparse import Position, SparseLayer, top_blocks
 from blockmem.attention.telemetry import Telemetry
 from blockmem.config import RopeConfig
-from blockmem.memory.tiers import Tiers
+from blockmem.memory.tiers import TierConfig, Tiers
 from blockmem.model.decoder import Logits
 from blockmem.model.rope import Rotary
 
@@ -272,15 +272,20 @@ def test_sparse_methods_accept_prompts_past_the_window(tiny) -> None:
     assert out.method["method"] == "infllm" and out.method["telemetry"]["decode"]["steps"] == 2
 
 
-@pytest.mark.parametrize("prefix", [0, 3])
-def test_working_set_holds_exactly_the_selected_blocks(prefix: int, monkeypatch) -> None:
+@pytest.mark.parametrize("prefix,tiering", [(0, "ram"), (3, "ram"), (3, "spill"), (0, "bfloat16")])
+def test_working_set_holds_exactly_the_selected_blocks(prefix: int, tiering: str, monkeypatch, tmp_path) -> None:
+    """Blocks are copied from wherever the tiers keep them (the RAM pool, pages read back from
+    a spill file under a 6-block RAM budget, bfloat16 storage) into exactly the right slots."""
     from blockmem.attention.sparse import WorkingSet
     from blockmem.memory.store import BlockStore
 
-    tiers = Tiers((2, 2, 4, 3), torch.device("cpu"), torch.float32)
+    page_bytes = 2 * 2 * 4 * 3 * 4
+    config = {"ram": None, "spill": TierConfig(ram_budget=6 * page_bytes, spill_dir=str(tmp_path)),
+              "bfloat16": TierConfig(storage_dtype=torch.bfloat16)}[tiering]
+    tiers = Tiers((2, 2, 4, 3), torch.device("cpu"), torch.float32, config, step_blocks=6)
     store = BlockStore(0, tiers, kv_heads=2, block_size=4, head_dim=3)
     for b in range(10):
-        store.append(torch.full((2, 4, 3), float(b)) + torch.arange(2.0)[:, None, None] / 10, torch.full((2, 4, 3), -b),
+        store.append(torch.full((2, 4, 3), float(b)) + torch.arange(2.0)[:, None, None] / 8, torch.full((2, 4, 3), -b),
                      {})
     ids = torch.tensor([[0, 1, 2], [0, 1, 2]])
     sinks = torch.full((1, 2, prefix, 3), 99.0)
@@ -299,7 +304,10 @@ def test_working_set_holds_exactly_the_selected_blocks(prefix: int, monkeypatch)
         for head in range(2):
             held = working.keys[0, head, prefix:].view(3, 4, 3)[:, 0, 0]
             assert sorted(held.round().long().tolist()) == ids[head].tolist() == sorted(working.slots[head].tolist())
-            assert torch.allclose(held, working.slots[head].float() + head / 10)  # this head's keys
+            assert torch.equal(held, working.slots[head].float() + head / 8)  # this head's keys (exact in bfloat16 too)
             assert torch.equal(working.values[0, head, prefix:].view(3, 4, 3)[:, 0, 0], -working.slots[head].float())
             assert (working.keys[0, head, :prefix] == 99).all()  # the sinks are never overwritten
     assert len(shared_updates) >= 4  # the one-copy path for a shared selection ran
+    tiers.check()
+    if tiering == "spill":
+        assert tiers.disk is not None and tiers.disk.bytes_read > 0  # some blocks came back from the file

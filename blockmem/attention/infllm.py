@@ -41,7 +41,8 @@ class InfLLMMethod(SparseMethod):
     def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
         reps = store.summary("repr")  # [blocks, Hkv, D]
         query = grouped_queries(q, spec.num_kv_heads).float().sum(dim=1)  # [Hkv, D]
-        scores = torch.einsum("hd,nhd->hn", query, reps)
-        if not self.per_head:
-            scores = scores.sum(dim=0, keepdim=True).expand(spec.num_kv_heads, -1)
-        return top_blocks(scores, self.topk)
+        if self.per_head:
+            return top_blocks(torch.einsum("hd,nhd->hn", query, reps), self.topk)
+        # One score per block, summed over heads: a single matrix-vector product.
+        scores = reps.reshape(reps.shape[0], -1) @ query.reshape(-1)
+        return top_blocks(scores[None], self.topk).expand(spec.num_kv_heads, -1)

@@ -133,47 +133,54 @@ class WorkingSet:
         self.slots, self.keys, self.values, self.prefix = slots, keys, values, prefix
 
     def update(self, store: BlockStore, ids: torch.Tensor) -> None:
-        heads, k = ids.shape
         slots = self.slots.tolist()
         wanted_ids = ids.tolist()
         if all(row == slots[0] for row in slots) and all(row == wanted_ids[0] for row in wanted_ids):
             self._update_shared(store, slots[0], wanted_ids[0])  # one selection for every head
             return
-        changes = []  # (head, free slots, blocks to add)
-        for head in range(heads):
-            old, new = slots[head], wanted_ids[head]
+        changes = []  # (head, slot, block) for each block a head newly wants
+        for head, (old, new) in enumerate(zip(slots, wanted_ids)):
             if old == new:
                 continue
             wanted, held = set(new), set(old)
-            added = [block for block in new if block not in held]
-            if added:
-                changes.append((head, [slot for slot, block in enumerate(old) if block not in wanted], added))
+            free = [slot for slot, block in enumerate(old) if block not in wanted]
+            changes += zip([head] * len(free), free, [block for block in new if block not in held])
         if not changes:
             return
-        needed = sorted({block for _, _, added in changes for block in added})
-        pages = store.pages(needed)  # each block fetched once, whichever heads want it
-        row = {block: i for i, block in enumerate(needed)}
-        for head, free, added in changes:
-            slot_index = torch.tensor(free, device=ids.device)
-            picked = pages[torch.tensor([row[b] for b in added], device=pages.device)]  # [n, 2, Hkv, block, D]
-            for part, target in enumerate((self.keys, self.values)):
-                view = target[0, head, self.prefix:].view(k, store.block_size, store.head_dim)
-                view[slot_index] = picked[:, part, head]
-            self.slots[head, slot_index] = torch.tensor(added, device=ids.device)
+        needed = sorted({block for _, _, block in changes})  # each block fetched once, whichever heads want it
+        keys, values = self._slot_views(store)
+        for head, slot, block in changes:
+            self.slots[head, slot] = block
+
+        def take(i: int, page: torch.Tensor) -> None:
+            for head, slot, block in changes:
+                if block == needed[i]:
+                    keys[head, slot].copy_(page[0, head])
+                    values[head, slot].copy_(page[1, head])
+
+        store.each_page(needed, take)
 
     def _update_shared(self, store: BlockStore, old: list[int], new: list[int]) -> None:
-        """Every head held and wants the same blocks: one fetch and one copy per part for all heads."""
+        """Every head held and wants the same blocks: one copy per block and part for all heads."""
         held, wanted = set(old), set(new)
         added = [block for block in new if block not in held]
         if not added:
             return
-        free = torch.tensor([slot for slot, block in enumerate(old) if block not in wanted], device=self.slots.device)
-        pages = store.pages(added)  # [n, 2, Hkv, block, D]
-        heads, k = self.slots.shape
-        for part, target in enumerate((self.keys, self.values)):
-            view = target[0, :, self.prefix:].view(heads, k, store.block_size, store.head_dim)
-            view[:, free] = pages[:, part].transpose(0, 1)
+        free = [slot for slot, block in enumerate(old) if block not in wanted]
+        keys, values = self._slot_views(store)
+
+        def take(i: int, page: torch.Tensor) -> None:
+            keys[:, free[i]].copy_(page[0])
+            values[:, free[i]].copy_(page[1])
+
+        store.each_page(added, take)
         self.slots[:, free] = torch.tensor(added, device=self.slots.device)
+
+    def _slot_views(self, store: BlockStore) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values after the prefix as [Hkv, k, block, D]: [head, slot] is one block."""
+        heads, k = self.slots.shape
+        shape = (heads, k, store.block_size, store.head_dim)
+        return self.keys[0, :, self.prefix:].view(shape), self.values[0, :, self.prefix:].view(shape)
 
 
 class SparseLayer(LayerCache):
@@ -237,7 +244,8 @@ class SparseLayer(LayerCache):
         parts = [partial_attention(q_far, far_keys, far_values, scale, False)]
         window_keys, window_values = memory.window.span()
         parts += self._window_parts(q_true, window_keys, window_values, length, scale)
-        self.telemetry.record(self.spec.index, length, far_keys.shape[2] + window_keys.shape[2], selected)
+        self.telemetry.record(self.spec.index, length, far_keys.shape[2] + window_keys.shape[2],
+                              None if selected is None else selected.tolist())
         return merge(parts)
 
     def _far(self, query: torch.Tensor, rotary: Rotary,
@@ -296,16 +304,18 @@ class SparseLayer(LayerCache):
         keys, _ = memory.window.span(0, zone)
         # Every `step`-th query of a long chunk is enough to rank tokens within their block.
         step = max(1, q_true.shape[2] // _SCORING_QUERIES)
-        queries, lse = q_true[:, :, ::step], lse[:, :, ::step]
-        logits = torch.bmm(grouped_queries(queries, heads).float(), keys[0].float().transpose(1, 2)) * self.spec.scale
-        probs = torch.exp(logits - lse.reshape(heads, -1, 1))  # [Hkv, G*T', zone]
+        queries, lse = (q_true, lse) if step == 1 else (q_true[:, :, ::step], lse[:, :, ::step])
+        # exp(q.k * scale - lse): each query's probability for each key, [Hkv, G*T', zone]
+        probs = torch.baddbmm(lse.reshape(heads, -1, 1), grouped_queries(queries, heads).float(),
+                              keys[0].float().transpose(1, 2), beta=-1.0, alpha=self.spec.scale).exp_()
         first = memory.window_start
-        if first + zone > start:  # tokens of this chunk: a query only counts keys it could see
+        if first + zone - 1 > start:  # later tokens of this chunk: a query only counts keys it could see
             q_pos = torch.arange(start, start + q_true.shape[2], step, device=probs.device)
             q_pos = q_pos.repeat(probs.shape[1] // q_pos.shape[0])
             k_pos = torch.arange(first, first + zone, device=probs.device)
             probs = probs * (k_pos[None, :] <= q_pos[:, None])
-        memory.window.add_scores(probs.sum(dim=1) * step)
+        scores = probs.sum(dim=1)
+        memory.window.add_scores(scores if step == 1 else scores * step)
 
     def _evict(self, rotary: Rotary) -> None:
         memory, store = self.memory, self.memory.store

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 
 @dataclass
 class _Phase:
@@ -34,7 +32,7 @@ class _Phase:
 class _Layer:
     prefill: _Phase = field(default_factory=_Phase)
     decode: _Phase = field(default_factory=_Phase)
-    previous: torch.Tensor | None = None  # [Hkv, k] block ids selected at the previous step
+    previous: list[list[int]] | None = None  # block ids each KV head selected at the previous step
 
 
 class Telemetry:
@@ -42,24 +40,26 @@ class Telemetry:
         self.layers = [_Layer() for _ in range(layers)]
         self.steps: list[dict[str, Any]] | None = [] if keep_steps else None
 
-    def record(self, layer: int, queries: int, tokens_attended: int, selected: torch.Tensor | None) -> None:
-        """`selected`: [Hkv, k] block ids read per KV head (None when no blocks exist yet)."""
+    def record(self, layer: int, queries: int, tokens_attended: int, selected: list[list[int]] | None) -> None:
+        """`selected`: the block ids read per KV head, [Hkv][k] (None when no blocks exist yet).
+        Plain lists: a decode step records every layer, and set arithmetic on a few ids costs less
+        than tensor ops."""
         state = self.layers[layer]
         phase = state.decode if queries == 1 else state.prefill
         phase.steps += 1
         phase.tokens += tokens_attended
-        if selected is not None and selected.numel():
-            phase.blocks += selected.shape[1]
+        if selected and selected[0]:
+            phase.blocks += len(selected[0])
             previous = state.previous
-            if previous is not None and previous.shape[0] == selected.shape[0]:
+            if previous is not None and len(previous) == len(selected):
                 # per head: which of this step's blocks that head also read last step
-                kept = (selected[:, :, None] == previous[:, None, :]).any(dim=-1)
-                phase.locality_sum += float(kept.float().mean())
+                kept = sum(len(set(now).intersection(before)) for now, before in zip(selected, previous))
+                phase.locality_sum += kept / (len(selected) * len(selected[0]))
                 phase.locality_steps += 1
         state.previous = selected
         if self.steps is not None:
             self.steps.append({"layer": layer, "queries": queries, "tokens_attended": tokens_attended,
-                               "blocks": selected.tolist() if selected is not None else []})
+                               "blocks": selected if selected is not None else []})
 
     def summary(self) -> dict[str, Any]:
         """Means over layers for decode and prefill, plus per-layer decode figures."""

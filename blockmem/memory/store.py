@@ -5,12 +5,15 @@ Contract:
 - `append(keys, values, summaries)` adds block number `num_blocks` (blocks are never modified);
 - `gather(ids)` returns the keys and values of the blocks in `ids`, per KV head, in id order;
 - `pages(ids)` returns whole blocks [n, 2, Hkv, block, D] (keys, values) on the compute device;
+  `each_page(ids, take)` hands them over one by one without gathering (see `Tiers.fetch_each`);
 - `summary(name)` returns one summary for every block, [num_blocks, ...]; summaries stay on the
   compute device (selection reads all of them every step; they are small);
 - `num_blocks` and `nbytes()` are plain integers; `check()` raises if the store is inconsistent.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -50,6 +53,9 @@ class BlockStore:
 
     def pages(self, ids: list[int]) -> torch.Tensor:
         return self.tiers.fetch(self.layer, ids)
+
+    def each_page(self, ids: list[int], take: Callable[[int, torch.Tensor], None]) -> None:
+        self.tiers.fetch_each(self.layer, ids, take)
 
     def gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids: [Hkv, k] int64 block ids (sorted per head) -> keys, values: [1, Hkv, k * block, D]."""

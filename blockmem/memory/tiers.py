@@ -34,6 +34,7 @@ import threading
 import weakref
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,17 +374,36 @@ class Tiers:
         with self._lock:
             return self._fetch(layer, ids)
 
-    def _fetch(self, layer: int, ids: list[int]) -> torch.Tensor:
+    def fetch_each(self, layer: int, ids: list[int], take: Callable[[int, torch.Tensor], None]) -> None:
+        """Like `fetch`, but hands page i to `take(i, page)` instead of gathering the pages into a
+        new tensor: where the host pool serves the compute device (CPU, or no tiers) the page is
+        the pool's own, in the storage dtype, so `take` must copy out of it before returning."""
+        with self._lock:
+            if self._pool_serves_compute:
+                for i, slot in enumerate(self._host_slots(layer, ids)):
+                    take(i, self.host.pages[slot])
+                return
+            pages = self._fetch(layer, ids)
+        for i in range(len(ids)):
+            take(i, pages[i])
+
+    @property
+    def _pool_serves_compute(self) -> bool:
+        return self.pages_on_device or self.device.type == "cpu"
+
+    def _host_slots(self, layer: int, ids: list[int]) -> list[int]:
+        """Host pool slots of these blocks (read from disk where missing), counted as fetched."""
         self.blocks_fetched += len(ids)
         self.bytes_to_compute += len(ids) * self.page_bytes
         if self.pages_on_device:
-            slots = [self.host.table[(layer, i)] for i in ids]
-            return self._index(self.host.pages, slots)
-        keys = [(layer, i) for i in ids]
-        host_slots = self._ensure_host(keys)
-        if self.device.type == "cpu":
+            return [self.host.table[(layer, i)] for i in ids]
+        return self._ensure_host([(layer, i) for i in ids])
+
+    def _fetch(self, layer: int, ids: list[int]) -> torch.Tensor:
+        host_slots = self._host_slots(layer, ids)  # may grow the pool: read host.pages after
+        if self._pool_serves_compute:
             return self._index(self.host.pages, host_slots)
-        return self._to_device(keys, host_slots)
+        return self._to_device([(layer, i) for i in ids], host_slots)
 
     def preload(self) -> None:
         """Read every block on disk into the host pool (it must hold them all)."""
