@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import blockmem
-from blockmem.model.gguf_vocab import _cached_spm, _cache_dir, derive_merges
+from blockmem.cache import cache_dir
+from blockmem.model.gguf_vocab import _cached_spm, derive_merges
 from blockmem.model.tokenizer import StreamDecoder
 
 TEXTS = ["Hello world! The capital of France is Paris.", "  leading spaces\tand tabs\n\nnew lines  ",
@@ -25,7 +26,7 @@ def test_spm_cache_round_trip(tmp_path, monkeypatch) -> None:
             "tokenizer.ggml.scores": [0.0, -1.0, -2.0, -3.0, -4.0, -5.0, 0.0], "tokenizer.ggml.unknown_token_id": 0,
             "tokenizer.ggml.add_space_prefix": True}
     fresh = _cached_spm(meta, gemma=False)
-    files = list(_cache_dir().glob("spm-*.json"))
+    files = list(cache_dir("tokenizers").glob("spm-*.json"))
     assert len(files) == 1
     cached = _cached_spm(meta, gemma=False)
     for text in ("ab a", "a b", "A"):

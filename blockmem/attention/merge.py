@@ -6,13 +6,16 @@ out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse).
 Sparse methods read sinks, selected blocks, a window and the current chunk as separate parts;
 dense prefill uses it to attend a chunk's earlier keys without a mask and its own keys causally.
 
-`partial_attention` uses the CPU flash-attention kernel, which returns the log-sum-exp, and falls
-back to `partial_attention_reference` (explicit float32 softmax) elsewhere; tests compare them.
+`partial_attention` uses the CPU flash-attention kernel, which returns the log-sum-exp, or for a
+decode step's few query rows the native kernel of `attention/kernels` where it is built, and
+falls back to `partial_attention_reference` (explicit float32 softmax) elsewhere; tests compare them.
 """
 
 from __future__ import annotations
 
 import torch
+
+from blockmem.attention import kernels
 
 
 def partial_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -51,9 +54,33 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         return flash(q, k, v, 0.0, True, scale=scale)
     # Without a mask every query of a GQA group reads the same keys: stack the group's heads as
     # rows of one query block instead of repeating keys.
+    if batch == 1 and kernels.supports(parts := [_grouped(q, k, v)]):  # a decode step's few rows
+        return _ungrouped(*kernels.attention(parts, scale), q.shape)
     grouped = q.reshape(batch, kv_heads, heads // kv_heads * length, dim)
     out, lse = flash(grouped, k, v, 0.0, False, scale=scale)
     return out.reshape(batch, heads, length, dim), lse.reshape(batch, heads, length)
+
+
+def attend_parts(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of several key sets without a mask, each read with its own query
+    rotation: parts of (q [1, Hq, T, D], k, v [1, Hkv, S, D]) -> (out [1, Hq, T, D], lse [1, Hq, T]).
+    Equals `merge` of each part's `partial_attention`; a decode step's parts go to the native
+    kernel in one call. Parts without keys are skipped; at least one part must have keys."""
+    parts = [part for part in parts if part[1].shape[2]]
+    shape = parts[0][0].shape
+    if shape[0] == 1 and kernels.supports(grouped := [_grouped(*part) for part in parts]):
+        return _ungrouped(*kernels.attention(grouped, scale), shape)
+    return merge([partial_attention(q, k, v, scale, causal=False) for q, k, v in parts])
+
+
+def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sequence's q [1, Hq, T, D], k, v [1, Hkv, S, D] -> q [Hkv, G*T, D], k, v [Hkv, S, D]."""
+    return q.reshape(k.shape[1], -1, q.shape[-1]), k[0], v[0]
+
+
+def _ungrouped(out: torch.Tensor, lse: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    return out.reshape(shape), lse.reshape(shape[:-1])
 
 
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 
 from blockmem.attention.base import AttentionMethod, KVCache, LayerCache, LayerSpec
 from blockmem.attention.dense import DenseLayer
-from blockmem.attention.merge import merge, partial_attention
+from blockmem.attention.merge import attend_parts, merge, partial_attention
 from blockmem.attention.telemetry import Telemetry
 from blockmem.errors import ConfigError
 from blockmem.memory.layer import LayerMemory
@@ -241,12 +241,17 @@ class SparseLayer(LayerCache):
         far_keys, far_values, selected = self._far(q if q_far is None else q_far, rotary, start + length)
         if q_far is None:  # compacted: the query sits after the selected blocks and the window so far
             q_far = self._far_query(q, q_true, rotary, far_keys.shape[2] - memory.init_length + start - memory.window_start)
-        parts = [partial_attention(q_far, far_keys, far_values, scale, False)]
         window_keys, window_values = memory.window.span()
-        parts += self._window_parts(q_true, window_keys, window_values, length, scale)
         self.telemetry.record(self.spec.index, length, far_keys.shape[2] + window_keys.shape[2],
                               None if selected is None else selected.tolist())
-        return merge(parts)
+        # Every part but the piece's own keys (when it has more than one query) reads without a mask.
+        prefix = window_keys.shape[2] - (length if length > 1 else 0)
+        out, lse = attend_parts([(q_far, far_keys, far_values),
+                                 (q_true, window_keys[:, :, :prefix], window_values[:, :, :prefix])], scale)
+        if length == 1:
+            return out, lse
+        return merge([(out, lse), partial_attention(q_true, window_keys[:, :, prefix:], window_values[:, :, prefix:],
+                                                    scale, causal=True)])
 
     def _far(self, query: torch.Tensor, rotary: Rotary,
              length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
+from blockmem.cache import cache_dir
 from blockmem.errors import ModelError
 
 CONTROL, USER_DEFINED = 3, 4
@@ -89,19 +89,13 @@ def _spm_bpe(meta: dict[str, Any], gemma: bool) -> Backend:
     return backend
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("BLOCKMEM_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
-                                                            "blockmem")
-    return Path(base) / "tokenizers"
-
-
 def _cached_spm(meta: dict[str, Any], gemma: bool) -> Backend:
     digest = hashlib.sha256()
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.unknown_token_id",
                 "tokenizer.ggml.add_space_prefix"):
         digest.update(repr(meta.get(key)).encode())
     digest.update(b"gemma" if gemma else b"spm")
-    path = _cache_dir() / f"spm-{digest.hexdigest()[:24]}.json"
+    path = cache_dir("tokenizers") / f"spm-{digest.hexdigest()[:24]}.json"
     if path.is_file():
         try:
             return Backend.from_file(str(path))
