@@ -35,8 +35,8 @@ def test_kernel_builds_where_a_compiler_exists() -> None:
 @pytest.mark.parametrize("group,length", [(1, 1), (3, 1), (4, 8)])
 def test_kernel_equals_one_softmax_over_all_parts(dtype, keys, group, length) -> None:
     parts = [_part(3, group, length, n, dtype, seed=i, offset=3 * i) for i, n in enumerate(keys)]
-    grouped = [(q.reshape(3, -1, 64), k[0], v[0]) for q, k, v in parts]
-    assert kernels.supports(grouped)
+    grouped = [(q.reshape(3, -1, 64), kernels.key_set(k[0], v[0])) for q, k, v in parts]
+    assert kernels.supports(grouped[0][0], [keys for _, keys in grouped])
     out, lse = kernels.attention(grouped, 0.125)
     # float32 queries over keys and values stored in `dtype`, as the kernel reads them
     expected, expected_lse = merge([partial_attention_reference(q, k, v, 0.125, False) for q, k, v in parts])
@@ -65,10 +65,13 @@ def test_attention_paths_route_decode_steps_to_the_kernel(monkeypatch) -> None:
 
 def test_unsupported_inputs_fall_back_to_torch() -> None:
     q, k, v = _part(2, 2, 1, 50, torch.float16, seed=0)
-    assert not kernels.supports([(q.reshape(2, -1, 64), k[0], v[0])])  # float16: not a kernel dtype
+    assert kernels.key_set(k[0], v[0]) is None  # float16: not a kernel dtype
     q32, k32, v32 = _part(2, 2, 1, 50, torch.float32, seed=0)
-    assert not kernels.supports([(q32.reshape(2, -1, 64), k32[0].transpose(1, 2).contiguous().transpose(1, 2),
-                                  v32[0])])  # rows not contiguous
+    assert kernels.key_set(k32[0].transpose(1, 2).contiguous().transpose(1, 2), v32[0]) is None  # rows not contiguous
+    assert kernels.key_set(k32[0, :, :0], v32[0, :, :0]) is None  # no keys
+    keys = kernels.key_set(k32[0], v32[0])
+    assert not kernels.supports(torch.zeros(2, kernels.MAX_ROWS + 1, 64), [keys])  # a prefill piece's rows
+    assert not kernels.supports(q32.reshape(2, -1, 64), [keys, kernels.key_set(k32[0].bfloat16(), v32[0].bfloat16())])
     out, lse = attend_parts([(q32.half(), k, v)], 0.5)
     ref, ref_lse = partial_attention_reference(q32.half(), k, v, 0.5, False)
     assert (out.float() - ref.float()).abs().max() < 2e-3 and (lse - ref_lse).abs().max() < 1e-3

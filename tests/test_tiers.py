@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import blockmem
-from blockmem.attention import create_method
+from blockmem.attention import create_method, kernels
 from blockmem.errors import ConfigError
 from blockmem.memory.tiers import TierConfig, Tiers, parse_size
 
@@ -135,6 +135,26 @@ def test_tiers_on_compute_exactly_what_all_in_ram_computes(tiny_llama, tmp_path,
     tiered, stats = _decode_logits(blockmem.Engine(tiny_llama, method, prefill_chunk=32, tiers=config), ids, 6)
     assert all(torch.equal(a, b) for a, b in zip(reference, tiered))
     assert stats["disk"]["bytes_read"] > 0 and stats["ram"]["evictions"] > 0  # the disk tier was really used
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"native kernel unavailable: {kernels.unavailable_reason()}")
+@pytest.mark.parametrize("name", ["infllm", "blocksparse", "nosa", "quest"])
+@pytest.mark.parametrize("budget", [None, 5])
+def test_decode_reading_blocks_in_place_equals_copying_them(tiny_llama, tmp_path, monkeypatch, name, budget) -> None:
+    """The native decode kernel reads selected blocks where the page pool holds them; torch's path
+    copies them into a working set first. Same blocks, same logits (to float rounding)."""
+    options = dict(SMALL, switch_length=0) if name in ("blocksparse", "nosa") else SMALL
+    method = create_method(name, **options)
+    ids = [(11 * i) % 250 + 3 for i in range(150)]
+    page = 2 * tiny_llama.config.num_kv_heads * 8 * tiny_llama.config.head_dim * 4
+    config = None if budget is None else TierConfig(ram_budget=budget * page, spill_dir=str(tmp_path))
+    in_place, stats = _decode_logits(blockmem.Engine(tiny_llama, method, prefill_chunk=32, tiers=config), ids, 6)
+    assert stats["blocks_read_in_place"] > 0
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    copied, copied_stats = _decode_logits(blockmem.Engine(tiny_llama, method, prefill_chunk=32, tiers=config), ids, 6)
+    assert copied_stats["blocks_read_in_place"] == 0 and copied_stats["blocks_fetched"] > 0
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(in_place, copied))
+    assert [int(x.argmax()) for x in in_place] == [int(x.argmax()) for x in copied]
 
 
 def test_half_precision_storage_is_close_but_not_exact(tiny_llama) -> None:

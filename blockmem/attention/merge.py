@@ -54,8 +54,8 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         return flash(q, k, v, 0.0, True, scale=scale)
     # Without a mask every query of a GQA group reads the same keys: stack the group's heads as
     # rows of one query block instead of repeating keys.
-    if batch == 1 and kernels.supports(parts := [_grouped(q, k, v)]):  # a decode step's few rows
-        return _ungrouped(*kernels.attention(parts, scale), q.shape)
+    if batch == 1 and (part := _kernel_part(q, k, v)) is not None:  # a decode step's few rows
+        return _ungrouped(*kernels.attention([part], scale), q.shape)
     grouped = q.reshape(batch, kv_heads, heads // kv_heads * length, dim)
     out, lse = flash(grouped, k, v, 0.0, False, scale=scale)
     return out.reshape(batch, heads, length, dim), lse.reshape(batch, heads, length)
@@ -69,14 +69,19 @@ def attend_parts(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     kernel in one call. Parts without keys are skipped; at least one part must have keys."""
     parts = [part for part in parts if part[1].shape[2]]
     shape = parts[0][0].shape
-    if shape[0] == 1 and kernels.supports(grouped := [_grouped(*part) for part in parts]):
-        return _ungrouped(*kernels.attention(grouped, scale), shape)
+    if shape[0] == 1:
+        kernel_parts = [_kernel_part(*part) for part in parts]
+        if all(part is not None for part in kernel_parts):
+            return _ungrouped(*kernels.attention(kernel_parts, scale), shape)
     return merge([partial_attention(q, k, v, scale, causal=False) for q, k, v in parts])
 
 
-def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One sequence's q [1, Hq, T, D], k, v [1, Hkv, S, D] -> q [Hkv, G*T, D], k, v [Hkv, S, D]."""
-    return q.reshape(k.shape[1], -1, q.shape[-1]), k[0], v[0]
+def _kernel_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, kernels.KeySet] | None:
+    """One sequence's q [1, Hq, T, D], k, v [1, Hkv, S, D] as the kernel takes them (q grouped to
+    [Hkv, G*T, D]), or None where it cannot."""
+    grouped = q.reshape(k.shape[1], -1, q.shape[-1])
+    keys = kernels.key_set(k[0], v[0])
+    return (grouped, keys) if kernels.supports(grouped, [keys]) else None
 
 
 def _ungrouped(out: torch.Tensor, lse: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:

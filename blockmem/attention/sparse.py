@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from blockmem.attention import kernels
 from blockmem.attention.base import AttentionMethod, KVCache, LayerCache, LayerSpec
 from blockmem.attention.dense import DenseLayer
 from blockmem.attention.merge import attend_parts, merge, partial_attention
@@ -238,7 +239,11 @@ class SparseLayer(LayerCache):
         rotation), then the window before the piece and the piece itself."""
         memory = self.memory
         q_far = None if self.method.position is Position.COMPACTED else self._far_query(q, q_true, rotary, 0)
-        far_keys, far_values, selected = self._far(q if q_far is None else q_far, rotary, start + length)
+        if length == 1 and q_far is not None:
+            read = self._attend_in_place(q_far, q_true, start + length, scale)
+            if read is not None:
+                return read
+        far_keys, far_values, selected = self._far(q if q_far is None else q_far, rotary, start + length, length)
         if q_far is None:  # compacted: the query sits after the selected blocks and the window so far
             q_far = self._far_query(q, q_true, rotary, far_keys.shape[2] - memory.init_length + start - memory.window_start)
         window_keys, window_values = memory.window.span()
@@ -253,15 +258,56 @@ class SparseLayer(LayerCache):
         return merge([(out, lse), partial_attention(q_true, window_keys[:, :, prefix:], window_values[:, :, prefix:],
                                                     scale, causal=True)])
 
-    def _far(self, query: torch.Tensor, rotary: Rotary,
-             length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _attend_in_place(self, q_far: torch.Tensor, q_true: torch.Tensor, length: int,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A decode step through the native kernel, which reads the selected blocks where the page
+        pool holds them: no working set, nothing copied. The sinks, each selected block and the
+        window are parts of one kernel call. None (before selecting anything) where the kernel
+        cannot: not built, blocks not in a pool on this CPU, stored in another dtype."""
+        memory, store = self.memory, self.memory.store
+        if store is None or not store.num_blocks or not store.tiers.pool_serves_compute:
+            return None
+        heads, dim = self.spec.num_kv_heads, self.spec.head_dim
+        far_rows, true_rows = q_far.reshape(heads, -1, dim), q_true.reshape(heads, -1, dim)
+        window_keys, window_values = memory.window.span()
+        sinks = kernels.key_set(memory.init_keys[0], memory.init_values[0]) if memory.init_length else None
+        window = kernels.key_set(window_keys[0], window_values[0])
+        if (store.tiers.storage_dtype != window_keys.dtype
+                or not kernels.supports(far_rows, [window] + ([sinks] if memory.init_length else []))):
+            return None
+        ids = self._select(q_far, store, length)
+        selected = ids.tolist()
+        needed = sorted({block for row in selected for block in row})
+
+        def attend(pages: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            # pages [capacity, 2, Hkv, block, D]: head h of a block's keys starts at page + h * head
+            size = pages.element_size()
+            page, head, values = pages.stride(0) * size, pages.stride(2) * size, pages.stride(1) * size
+            start = {block: pages.data_ptr() + slot * page for block, slot in zip(needed, slots)}
+            parts = [] if sinks is None else [(far_rows, sinks)]
+            for j in range(len(selected[0])):
+                keys = tuple(start[selected[h][j]] + h * head for h in range(heads))
+                parts.append((far_rows, kernels.KeySet(keys, tuple(a + values for a in keys), dim, dim,
+                                                       store.block_size, pages.dtype)))
+            parts.append((true_rows, window))
+            return kernels.attention(parts, scale)
+
+        out, lse = store.read_in_place(needed, attend)
+        self._working = None  # a decode step here needs no copies: drop any left from prefill
+        self.telemetry.record(self.spec.index, 1, memory.init_length + len(selected[0]) * store.block_size
+                              + window_keys.shape[2], selected)
+        return out.reshape(q_true.shape), lse.reshape(q_true.shape[:-1])
+
+    def _far(self, query: torch.Tensor, rotary: Rotary, length: int,
+             piece: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys and values of the sinks followed by the selected blocks, and the selection [Hkv, k].
-        `query` is the query blocks are scored with (position-free under compacted)."""
+        `query` is the query blocks are scored with (position-free under compacted); `length` the
+        tokens so far, `piece` the queries of this step."""
         memory, store = self.memory, self.memory.store
         if store is None or not store.num_blocks:
             return memory.init_keys, memory.init_values, None
         ids = self._select(query, store, length)
-        keys, values = self._gather(store, ids, rotary)
+        keys, values = self._gather(store, ids, rotary, keep=piece == 1)
         return keys, values, ids
 
     def _far_query(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary, offset: int) -> torch.Tensor:
@@ -276,14 +322,18 @@ class SparseLayer(LayerCache):
             return rotary.rotate_at(q, self.method.n_local)
         return rotary.rotate(q, self.memory.init_length + offset)
 
-    def _gather(self, store: BlockStore, ids: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, store: BlockStore, ids: torch.Tensor, rotary: Rotary,
+                keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Sinks then the selected blocks. Compacted positions need the blocks in order, rotated
         right after the sinks; otherwise positions are baked into the stored keys and order is
-        free, so a working set of slots is kept and only blocks that changed are copied in."""
+        free, so for decode steps (`keep`) a working set of slots is kept and only blocks that
+        changed are copied in. Prefill pieces, far apart, gather afresh and keep nothing, so a
+        long prefill holds one layer's selected blocks at a time, not every layer's."""
         memory = self.memory
-        if self.method.position is Position.COMPACTED:
+        if self.method.position is Position.COMPACTED or not keep:
             keys, values = store.gather(ids)
-            keys = rotary.rotate(keys, memory.init_length)
+            if self.method.position is Position.COMPACTED:
+                keys = rotary.rotate(keys, memory.init_length)
             return torch.cat([memory.init_keys, keys], dim=2), torch.cat([memory.init_values, values], dim=2)
         working = self._working
         if working is None or working.slots.shape != ids.shape:

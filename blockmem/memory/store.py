@@ -6,6 +6,7 @@ Contract:
 - `gather(ids)` returns the keys and values of the blocks in `ids`, per KV head, in id order;
 - `pages(ids)` returns whole blocks [n, 2, Hkv, block, D] (keys, values) on the compute device;
   `each_page(ids, take)` hands them over one by one without gathering (see `Tiers.fetch_each`);
+  `read_in_place(ids, use)` lets `use` read them where the page pool holds them (no copy);
 - `summary(name)` returns one summary for every block, [num_blocks, ...]; summaries stay on the
   compute device (selection reads all of them every step; they are small);
 - `num_blocks` and `nbytes()` are plain integers; `check()` raises if the store is inconsistent.
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from blockmem.memory.tiers import Tiers
+from blockmem.memory.tiers import T, Tiers
 
 
 class BlockStore:
@@ -56,6 +57,10 @@ class BlockStore:
 
     def each_page(self, ids: list[int], take: Callable[[int, torch.Tensor], None]) -> None:
         self.tiers.fetch_each(self.layer, ids, take)
+
+    def read_in_place(self, ids: list[int], use: Callable[[torch.Tensor, list[int]], T]) -> T:
+        """See `Tiers.read_in_place`."""
+        return self.tiers.read_in_place(self.layer, ids, use)
 
     def gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids: [Hkv, k] int64 block ids (sorted per head) -> keys, values: [1, Hkv, k * block, D]."""

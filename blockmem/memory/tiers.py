@@ -38,13 +38,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from blockmem.errors import ConfigError, MemoryFileError
 
 Key = tuple[int, int]  # (layer, block id)
+T = TypeVar("T")
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
           "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3}
@@ -336,6 +337,7 @@ class Tiers:
         self._copies_done: torch.cuda.Event | None = None  # last host->device copy batch
         self.bytes_to_compute = 0  # pages copied to the compute device's working set
         self.blocks_fetched = 0
+        self.blocks_read_in_place = 0  # blocks a kernel read where the pool holds them (no copy)
         # Read-ahead: one background thread reads blocks from disk into a staging page (holding
         # only the disk lock), then inserts them into the host pool under the pool lock, which
         # every fetch and append also holds.
@@ -379,7 +381,7 @@ class Tiers:
         new tensor: where the host pool serves the compute device (CPU, or no tiers) the page is
         the pool's own, in the storage dtype, so `take` must copy out of it before returning."""
         with self._lock:
-            if self._pool_serves_compute:
+            if self.pool_serves_compute:
                 for i, slot in enumerate(self._host_slots(layer, ids)):
                     take(i, self.host.pages[slot])
                 return
@@ -387,21 +389,37 @@ class Tiers:
         for i in range(len(ids)):
             take(i, pages[i])
 
+    def read_in_place(self, layer: int, ids: list[int], use: Callable[[torch.Tensor, list[int]], T]) -> T:
+        """`use(pages, slots)` with the host pool's pages [capacity, 2, Hkv, block, D] and the slot
+        of each block of `ids` (read from disk where missing), the pool held still meanwhile (no
+        eviction, no read-ahead insert); returns what `use` returns. For readers that work on the
+        pages where they lie (the CPU decode kernel): nothing is copied, so these reads count as
+        `blocks_read_in_place`, not as bytes moved. Only where `pool_serves_compute`."""
+        with self._lock:
+            if not self.pool_serves_compute:
+                raise AssertionError("read_in_place: the host pool is not on the compute device")
+            self.blocks_read_in_place += len(ids)
+            slots = self._host_slots(layer, ids, copied=False)
+            return use(self.host.pages, slots)
+
     @property
-    def _pool_serves_compute(self) -> bool:
+    def pool_serves_compute(self) -> bool:
+        """True where the host pool's pages are on the compute device (the CPU, or no tiers)."""
         return self.pages_on_device or self.device.type == "cpu"
 
-    def _host_slots(self, layer: int, ids: list[int]) -> list[int]:
-        """Host pool slots of these blocks (read from disk where missing), counted as fetched."""
-        self.blocks_fetched += len(ids)
-        self.bytes_to_compute += len(ids) * self.page_bytes
+    def _host_slots(self, layer: int, ids: list[int], copied: bool = True) -> list[int]:
+        """Host pool slots of these blocks (read from disk where missing), counted as fetched
+        (`copied`: into a working set)."""
+        if copied:
+            self.blocks_fetched += len(ids)
+            self.bytes_to_compute += len(ids) * self.page_bytes
         if self.pages_on_device:
             return [self.host.table[(layer, i)] for i in ids]
         return self._ensure_host([(layer, i) for i in ids])
 
     def _fetch(self, layer: int, ids: list[int]) -> torch.Tensor:
         host_slots = self._host_slots(layer, ids)  # may grow the pool: read host.pages after
-        if self._pool_serves_compute:
+        if self.pool_serves_compute:
             return self._index(self.host.pages, host_slots)
         return self._to_device([(layer, i) for i in ids], host_slots)
 
@@ -568,6 +586,7 @@ class Tiers:
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"page_bytes": self.page_bytes, "storage_dtype": str(self.storage_dtype).removeprefix("torch."),
                                "blocks_fetched": self.blocks_fetched, "bytes_to_compute": self.bytes_to_compute,
+                               "blocks_read_in_place": self.blocks_read_in_place,
                                "prefetched_blocks": self.prefetched,
                                "bytes_moved": self.bytes_moved()}
         out[self.host.name] = self.host.summary()

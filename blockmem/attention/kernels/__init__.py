@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +33,8 @@ _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _reason: str | None = None  # why the kernels are unavailable, once a load was tried
-MAX_ROWS, MAX_DIM, MAX_PARTS = 32, 256, 8  # the C source's limits (checked when it loads)
+MAX_ROWS, MAX_DIM, MAX_PARTS = 32, 256, 4096  # the C source's limits (checked when it loads)
+KEY_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def available() -> bool:
@@ -93,56 +95,74 @@ def _build() -> Path:
 
 
 def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
-    function = library.bm_attention_parts
-    pointer, long, integer, single = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-    function.argtypes = [integer, pointer, pointer, pointer, pointer, pointer, integer, integer, integer, integer,
-                         single, pointer, pointer, integer]
+    function = library.bm_attention
+    pointer, integer, single = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    function.argtypes = [integer, integer, integer, integer, single, integer, pointer, pointer, pointer, pointer,
+                         pointer, pointer, pointer, integer]
     function.restype = integer
     if (library.bm_max_rows(), library.bm_max_dim(), library.bm_max_parts()) != (MAX_ROWS, MAX_DIM, MAX_PARTS):
         raise RuntimeError("the decode-attention kernel's limits do not match its wrapper")
     return library
 
 
-Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q [Hkv, R, D], k [Hkv, S, D], v [Hkv, S, D]
+@dataclass(frozen=True)
+class KeySet:
+    """Where one part's keys and values lie for the kernel: per KV head the address of its first
+    key row and first value row, the row strides in elements, how many keys, and their dtype.
+    Addresses are raw: whoever builds one keeps the memory alive and unchanged until the call."""
+
+    k: tuple[int, ...]
+    v: tuple[int, ...]
+    k_row: int
+    v_row: int
+    count: int
+    dtype: torch.dtype
 
 
-def supports(parts: list[Part]) -> bool:
-    """Whether `attention` takes these parts: all on the CPU, a few query rows per KV head, keys
-    and values of one dtype (float32 or bfloat16) with contiguous rows, at least one key each."""
-    if not 1 <= len(parts) <= MAX_PARTS:
-        return False
-    q0, k0, _ = parts[0]
-    heads, rows, dim = q0.shape
-    if rows > MAX_ROWS or dim > MAX_DIM or k0.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    for q, k, v in parts:
-        if (q.shape != q0.shape or k.device.type != "cpu" or q.device.type != "cpu" or k.dtype != k0.dtype
-                or v.dtype != k0.dtype or k.shape[0] != heads or k.shape[1] < 1 or k.shape != v.shape
-                or k.shape[2] != dim or k.stride(2) != 1 or v.stride(2) != 1):
-            return False
-    return available()
+def key_set(k: torch.Tensor, v: torch.Tensor) -> KeySet | None:
+    """The KeySet of k, v [Hkv, S, D] (views of anything), or None where the kernel cannot read
+    them: not on the CPU, not float32/bfloat16, rows not contiguous, or no keys."""
+    if (k.device.type != "cpu" or v.device.type != "cpu" or k.dtype not in KEY_DTYPES or v.dtype != k.dtype
+            or k.shape != v.shape or k.shape[1] < 1 or k.stride(2) != 1 or v.stride(2) != 1):
+        return None
+    size = k.element_size()
+    return KeySet(tuple(k.data_ptr() + h * k.stride(0) * size for h in range(k.shape[0])),
+                  tuple(v.data_ptr() + h * v.stride(0) * size for h in range(v.shape[0])),
+                  k.stride(1), v.stride(1), k.shape[1], k.dtype)
 
 
-def attention(parts: list[Part], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def supports(q: torch.Tensor, keys: list[KeySet | None]) -> bool:
+    """Whether `attention` takes queries shaped like q [Hkv, R, D] over these key sets."""
+    heads, rows, dim = q.shape
+    return (q.device.type == "cpu" and rows <= MAX_ROWS and dim <= MAX_DIM and 1 <= len(keys) <= MAX_PARTS
+            and all(ks is not None and len(ks.k) == heads and ks.dtype == keys[0].dtype for ks in keys)
+            and available())
+
+
+def attention(parts: list[tuple[torch.Tensor, KeySet]], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale) v over the union of the parts' keys, each part scored with its own
-    queries, no mask -> (out [Hkv, R, D] in the queries' dtype, lse [Hkv, R] float32). The same as
-    merging `partial_attention` of each part. Call `supports` first."""
+    queries q [Hkv, R, D] (parts may share one tensor), no mask -> (out [Hkv, R, D] in the
+    queries' dtype, lse [Hkv, R] float32): what merging `partial_attention` of each part gives.
+    Call `supports` first."""
     library = _load()
     assert library is not None
-    heads, rows, dim = parts[0][0].shape
-    queries = [q.to(torch.float32).contiguous() for q, _, _ in parts]
+    first = parts[0][0]
+    heads, rows, dim = first.shape
+    as_float: dict[int, torch.Tensor] = {}  # each distinct query tensor converted once
+    for q, _ in parts:
+        if id(q) not in as_float:
+            as_float[id(q)] = q.to(torch.float32).contiguous()
     n = len(parts)
-    q_array = (ctypes.c_void_p * n)(*[q.data_ptr() for q in queries])
-    k_array = (ctypes.c_void_p * n)(*[k.data_ptr() for _, k, _ in parts])
-    v_array = (ctypes.c_void_p * n)(*[v.data_ptr() for _, _, v in parts])
-    strides = (ctypes.c_long * (4 * n))(*[x for _, k, v in parts for x in (k.stride(0), k.stride(1),
-                                                                            v.stride(0), v.stride(1))])
-    keys = (ctypes.c_int * n)(*[k.shape[1] for _, k, _ in parts])
+    queries = (ctypes.c_void_p * n)(*[as_float[id(q)].data_ptr() for q, _ in parts])
+    k_rows = (ctypes.c_void_p * (n * heads))(*[address for _, ks in parts for address in ks.k])
+    v_rows = (ctypes.c_void_p * (n * heads))(*[address for _, ks in parts for address in ks.v])
+    strides = (ctypes.c_long * (2 * n))(*[stride for _, ks in parts for stride in (ks.k_row, ks.v_row)])
+    counts = (ctypes.c_int * n)(*[ks.count for _, ks in parts])
     out = torch.empty(heads, rows, dim, dtype=torch.float32)
     lse = torch.empty(heads, rows, dtype=torch.float32)
-    status = library.bm_attention_parts(n, q_array, k_array, v_array, strides, keys,
-                                        int(parts[0][1].dtype == torch.bfloat16), heads, rows, dim, scale,
-                                        out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+    status = library.bm_attention(n, heads, rows, dim, scale, int(parts[0][1].dtype == torch.bfloat16), queries,
+                                  k_rows, v_rows, strides, counts, out.data_ptr(), lse.data_ptr(),
+                                  torch.get_num_threads())
     if status != 0:
-        raise RuntimeError(f"the decode-attention kernel refused {n} parts of q {tuple(parts[0][0].shape)} ({status})")
-    return out.to(parts[0][0].dtype), lse
+        raise RuntimeError(f"the decode-attention kernel refused {n} parts of q {tuple(first.shape)} ({status})")
+    return out.to(first.dtype), lse

@@ -1,14 +1,16 @@
 /* Attention of a few query rows over many keys, on the CPU: the decode step's inner loop.
  *
  * PyTorch's CPU flash-attention kernel is built for blocks of many queries; a decode step has a
- * handful of rows per KV head (the GQA group of one token), and there it spends ~3x the time the
- * keys and values take to stream from memory. This kernel cuts each head's keys into chunks,
- * computes one chunk per work item (scores, softmax, weighted values) and merges the chunks by
- * their log-sum-exp, exactly like blockmem/attention/merge.py merges parts.
+ * handful of rows per KV head (the GQA group of one token), and there it takes ~2.5x as long as
+ * this kernel. Keys come in parts (the sinks, each selected block where the page pool holds it,
+ * the window), each part is cut into chunks, one chunk per work item (scores, softmax, weighted
+ * values), and all chunks merge by their log-sum-exp, exactly as blockmem/attention/merge.py
+ * merges parts.
  *
  * Contract (checked by the Python wrapper, blockmem/attention/kernels/__init__.py), per part:
  *   q    float32 [heads][rows][dim], contiguous
- *   k, v float32 or bfloat16 (is_bf16), element [h][s][d] at h * head_stride + s * row_stride + d
+ *   k, v float32 or bfloat16 (is_bf16, the same for all parts): per head, rows of dim contiguous
+ *        elements at a fixed stride (see bm_attention)
  *   and for all parts together out float32 [heads][rows][dim], lse float32 [heads][rows]
  *   (natural log of the summed exponentials of the scaled scores);
  *   rows <= BM_MAX_ROWS, dim <= BM_MAX_DIM, parts <= BM_MAX_PARTS, keys >= 1 in every part.
@@ -23,7 +25,7 @@
 #define BM_CHUNK 128
 #define BM_MAX_ROWS 32
 #define BM_MAX_DIM 256
-#define BM_MAX_PARTS 8
+#define BM_MAX_PARTS 4096
 
 int bm_max_rows(void) { return BM_MAX_ROWS; }
 int bm_max_dim(void) { return BM_MAX_DIM; }
@@ -108,21 +110,30 @@ static void chunk(const float *q, const void *k, const void *v, int is_bf16, lon
     }
 }
 
-/* Attention of `parts` key sets merged into one softmax over their union: part i has its own
- * queries q[i] (a part may read keys at other positions, so its query is rotated differently),
- * keys k[i] and values v[i] with strides strides[4i..4i+3] (k head, k row, v head, v row) and
- * keys[i] keys. Returns 0 on success, -1 when the shapes break the contract, -2 when scratch
- * memory is short. */
-int bm_attention_parts(int parts, const float *const *q, const void *const *k, const void *const *v,
-                       const long *strides, const int *keys, int is_bf16, int heads, int rows, int dim,
-                       float scale, float *out, float *lse, int threads) {
+/* Attention of `parts` key sets merged into one softmax over their union. Part i has its own
+ * queries q[i] (a part may hold keys at other positions, so its query is rotated differently) and
+ * keys[i] keys; head h of part i reads keys from k[i * heads + h] and values from v[i * heads + h]
+ * (the address of its first row), rows row_strides[2i] and row_strides[2i + 1] elements apart. A
+ * part can thus be a block of a page pool, wherever each head's copy of it lies. Returns 0 on
+ * success, -1 when the shapes break the contract, -2 when scratch memory is short. */
+int bm_attention(int parts, int heads, int rows, int dim, float scale, int is_bf16, const float *const *q,
+                 const void *const *k, const void *const *v, const long *row_strides, const int *keys,
+                 float *out, float *lse, int threads) {
     if (parts < 1 || parts > BM_MAX_PARTS || rows < 1 || rows > BM_MAX_ROWS || dim < 1 || dim > BM_MAX_DIM ||
         heads < 1)
         return -1;
-    int first_item[BM_MAX_PARTS + 1], chunks[BM_MAX_PARTS];
+    int *first_item = malloc(sizeof(int) * (parts + 1));
+    int *chunks = malloc(sizeof(int) * parts);
+    if (!first_item || !chunks) {
+        free(first_item), free(chunks);
+        return -2;
+    }
     first_item[0] = 0;
     for (int i = 0; i < parts; i++) {
-        if (keys[i] < 1) return -1;
+        if (keys[i] < 1) {
+            free(first_item), free(chunks);
+            return -1;
+        }
         chunks[i] = (keys[i] + BM_CHUNK - 1) / BM_CHUNK;
         first_item[i + 1] = first_item[i] + heads * chunks[i];
     }
@@ -131,20 +142,23 @@ int bm_attention_parts(int parts, const float *const *q, const void *const *k, c
     float *sums = malloc(sizeof(float) * items * rows);
     float *accs = malloc(sizeof(float) * (size_t)items * rows * dim);
     if (!maxes || !sums || !accs) {
-        free(maxes), free(sums), free(accs);
+        free(maxes), free(sums), free(accs), free(first_item), free(chunks);
         return -2;
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int item = 0; item < items; item++) {
-        int i = 0;
-        while (item >= first_item[i + 1]) i++;
-        const int local = item - first_item[i];
+        int lo = 0, hi = parts - 1; /* the part holding this item: first_item[i] <= item < first_item[i + 1] */
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (first_item[mid] <= item) lo = mid; else hi = mid - 1;
+        }
+        const int i = lo, local = item - first_item[i];
         const int h = local / chunks[i], c = local % chunks[i];
-        const long *st = strides + 4 * i;
+        const long k_row = row_strides[2 * i], v_row = row_strides[2 * i + 1];
         const int start = c * BM_CHUNK;
         const int count = keys[i] - start < BM_CHUNK ? keys[i] - start : BM_CHUNK;
-        chunk(q[i] + (long)h * rows * dim, k[i], v[i], is_bf16, h * st[0] + start * st[1], h * st[2] + start * st[3],
-              st[1], st[3], rows, count, dim, scale, maxes + (long)item * rows, sums + (long)item * rows,
+        chunk(q[i] + (long)h * rows * dim, k[i * heads + h], v[i * heads + h], is_bf16, start * k_row, start * v_row,
+              k_row, v_row, rows, count, dim, scale, maxes + (long)item * rows, sums + (long)item * rows,
               accs + (long)item * rows * dim);
     }
     /* Merge every chunk of every part of a head by its log-sum-exp. */
@@ -172,6 +186,6 @@ int bm_attention_parts(int parts, const float *const *q, const void *const *k, c
             lse[h * rows + r] = top + logf(total);
         }
     }
-    free(maxes), free(sums), free(accs);
+    free(maxes), free(sums), free(accs), free(first_item), free(chunks);
     return 0;
 }
