@@ -135,6 +135,17 @@ def test_eviction_keeps_window_and_summaries() -> None:
     assert torch.allclose(memory.store.summary("kmax")[0], first.amax(dim=1), atol=1e-6)
 
 
+def test_summaries_keep_every_block_and_grow_by_an_eighth() -> None:
+    from blockmem.memory.store import BlockStore
+
+    store = BlockStore(0, Tiers((2, 1, 2, 3), torch.device("cpu"), torch.float32), kv_heads=1, block_size=2, head_dim=3)
+    for b in range(300):
+        store.append(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), {"score": torch.tensor([float(b)])})
+        capacity = store.summaries["score"].shape[0]
+        assert b + 1 <= capacity <= max(16, (b + 1) + (b + 1) // 8 + 16)  # never twice what it holds
+    assert store.summary("score")[:, 0].tolist() == [float(b) for b in range(300)]
+
+
 def test_infllm_stores_position_free_keys_and_representatives() -> None:
     layer, rotary, _ = _layer("infllm", n_init=4, n_local=16, block_size=8, repr_keys=2)
     keys, values = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)

@@ -26,7 +26,7 @@ class BlockStore:
         self.layer, self.tiers = layer, tiers
         self.kv_heads, self.block_size, self.head_dim = kv_heads, block_size, head_dim
         self.num_blocks = 0
-        self.summaries: dict[str, torch.Tensor] = {}  # name -> [capacity, ...], grown by doubling
+        self.summaries: dict[str, torch.Tensor] = {}  # name -> [capacity, ...], grown by an eighth
 
     def _grow_summary(self, summary: torch.Tensor, capacity: int) -> torch.Tensor:
         grown = summary.new_empty((capacity, *summary.shape[1:]))
@@ -42,7 +42,9 @@ class BlockStore:
             if held is None:
                 held = self.summaries[name] = value.new_empty((16, *value.shape))
             elif held.shape[0] == index:
-                held = self.summaries[name] = self._grow_summary(held, max(16, 2 * index))
+                # grow by an eighth, not by doubling: a 256K-token memory's summaries are ~47 MiB,
+                # and doubling held up to 3x that while copying (copies stay cheap: ~8x in all)
+                held = self.summaries[name] = self._grow_summary(held, index + max(16, index // 8))
             held[index] = value
         self.num_blocks += 1
         return index
