@@ -426,3 +426,17 @@ def test_bench_measures_and_prints_ratios(long_tiny: Path, tmp_path: Path) -> No
     assert measured[("dense", 512)]["decode_tok_s"] > 0 and "refused" in measured[("dense", 4096)]
     assert measured[("streaming:n_local=64", 4096)]["tokens_attended"] < 500  # of a 4060-token prompt
     assert "1.00x" in done.stdout and "refused" in done.stdout
+
+
+def test_bench_plots_take_each_point_from_its_latest_run() -> None:
+    from blockmem.eval.plots import _by_length
+
+    def bench(run: str, system: str, length: int, speed: float) -> dict:
+        return {"bench": True, "run": run, "system": system, "length": length, "decode_tok_s": speed}
+
+    records = [bench("old", "infllm", 8192, 10.0), bench("old", "infllm", 8192, 12.0),
+               bench("old", "infllm", 32768, 18.0), bench("new", "infllm", 32768, 29.0),
+               bench("new", "infllm", 32768, 31.0), bench("old", "llamacpp", 32768, 9.0)]
+    series = _by_length(records, "decode_tok_s")
+    assert sorted(series["infllm"]) == [(8192, 11.0), (32768, 30.0)]  # 32K: the new run only, not 29 (blended)
+    assert series["llamacpp"] == [(32768, 9.0)]

@@ -74,8 +74,7 @@ def eval_command(
     Example: blockmem eval --tasks ruler --lengths 4k,8k --methods dense,infllm,streaming
     --peers transformers,llamacpp --samples 20 -o results.jsonl && blockmem report results.jsonl
     """
-    _friendly(_eval)(tasks, lengths, methods, peers, samples, seed, depths, out, model, dtype, device, threads,
-                     chunk_size, kv_ratio, kvpress_python, qa_squad, qa_hotpot, ram_budget)
+    _friendly(_eval)(**locals())  # every option by name (keyword-only: a renamed option fails loudly)
 
 
 def _lengths(text: str) -> list[int]:
@@ -97,9 +96,10 @@ def _budget(text: str | None) -> str | None:
     return text
 
 
-def _eval(tasks: str, lengths: str, methods: str, peers: str | None, samples: int, seed: int, depths: str,
-          out: Path, model: str | None, dtype: str, device: str, threads: int | None, chunk: int, kv_ratio: float,
-          kvpress_python: str | None, qa_squad: Path | None, qa_hotpot: Path | None, ram_budget: str | None) -> None:
+def _eval(*, tasks: str, lengths: str, methods: str, peers: str | None, samples: int, seed: int, depths: str,
+          out: Path, model: str | None, dtype: str, device: str, threads: int | None, chunk_size: int,
+          kv_ratio: float, kvpress_python: str | None, qa_squad: Path | None, qa_hotpot: Path | None,
+          ram_budget: str | None) -> None:
     from blockmem.cli import err
     from blockmem.eval.report import summary_table
     from blockmem.eval.runner import EvalPlan, read_records, run_eval
@@ -122,7 +122,7 @@ def _eval(tasks: str, lengths: str, methods: str, peers: str | None, samples: in
                           hotpot=str(qa_hotpot) if qa_hotpot else None)
     resolve(model)  # a missing model fails here, not in a worker
     plan = EvalPlan(model, resolve_tasks(tasks, options), _lengths(lengths), parse_systems(methods, peers, kv_ratio),
-                    samples, out, seed, dtype, device, threads, chunk, options,
+                    samples, out, seed, dtype, device, threads, chunk_size, options,
                     kvpress_python or os.environ.get("BLOCKMEM_KVPRESS_PYTHON"), _budget(ram_budget))
     total = len(plan.tasks) * len(plan.lengths) * len(plan.systems) * samples
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -173,11 +173,10 @@ def bench_command(
     Every (system, length, repetition) runs in a fresh process, and the systems alternate within
     each repetition so that machine drift hits all of them.
     """
-    _friendly(_bench)(lengths, methods, peers, baseline, new_tokens, reps, out, model, dtype, device, threads,
-                      ram_budget)
+    _friendly(_bench)(**locals())  # every option by name, as for eval
 
 
-def _bench(lengths: str, methods: str, peers: str | None, baseline: str, new_tokens: int, reps: int, out: Path,
+def _bench(*, lengths: str, methods: str, peers: str | None, baseline: str, new_tokens: int, reps: int, out: Path,
            model: str | None, dtype: str, device: str, threads: int | None, ram_budget: str | None) -> None:
     from blockmem.cli import err
     from blockmem.eval.bench import BenchPlan, run_bench

@@ -121,8 +121,15 @@ def _accuracy_vs_length(plt: Any, records: list[Record]) -> Any:
 
 
 def _by_length(records: list[Record], key: str, worst: bool = False) -> dict[str, list[tuple[int, float]]]:
-    """Median (or max) of `key` per system and length, from bench records when there are any."""
-    rows = bench_records(records) or [r for r in eval_records(records) if r["task"] != "perplexity"]
+    """Median (or max) of `key` per system and length, from bench records when there are any.
+    A bench file can hold several runs (appended over time, often of different code): each point
+    comes from the latest run that measured it, never a blend of runs."""
+    rows = bench_records(records)
+    if rows:
+        latest = {(r["system"], r["length"]): r.get("run", "") for r in rows}  # appended in time order
+        rows = [r for r in rows if r.get("run", "") == latest[(r["system"], r["length"])]]
+    else:
+        rows = [r for r in eval_records(records) if r["task"] != "perplexity"]
     groups: dict[tuple[str, int], list[float]] = defaultdict(list)
     for r in rows:
         if r.get(key) is not None:
