@@ -221,12 +221,18 @@ def run(
 
 def _finish(completion: Any, model: Any, as_json: bool, extra: dict[str, Any] | None = None) -> None:
     """After streaming: the JSON record, or a newline and the stats lines on stderr."""
+    from blockmem.attention import kernels
+
+    decode_kernel = kernels.describe(model.decoder.device)
     if as_json:
-        record = {"model": model.name, "precision": model.precision, **(extra or {}), **completion.to_dict()}
+        record = {"model": model.name, "precision": model.precision, "decode_kernel": decode_kernel, **(extra or {}),
+                  **completion.to_dict()}
         sys.stdout.write(json.dumps(record) + "\n")
         return
     sys.stdout.write("\n")
     err.print(f"[dim]{completion.stats.summary()}[/dim]")
+    if decode_kernel.startswith("torch (") and model.decoder.device.type == "cpu":
+        err.print(f"[dim]decode attention: {decode_kernel}; slower at long context (README, Quick start)[/dim]")
     for line in (_method_line(completion.method), completion.stats.tier_summary()):
         if line:
             err.print(f"[dim]{line}[/dim]")

@@ -43,6 +43,19 @@ def test_run_json(model_dir) -> None:
                 "peak_rss_bytes"):
         assert key in stats
     assert record["method"]["method"] == "dense" and record["tokens"] <= 5
+    from blockmem.attention import kernels
+
+    assert record["decode_kernel"] == ("native" if kernels.available() else f"torch ({kernels.unavailable_reason()})")
+
+
+def test_run_says_when_decode_attention_falls_back_to_torch(model_dir, monkeypatch) -> None:
+    from blockmem.attention import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda: "no C compiler (cc) on PATH")
+    result = invoke(["run", "-m", model_dir, "-n", "2", "--raw", "hello"])
+    assert result.exit_code == 0, result.output
+    assert "decode attention: torch (no C compiler (cc) on PATH)" in result.stderr
 
 
 def test_document_question_and_stdin(model_dir, tmp_path) -> None:

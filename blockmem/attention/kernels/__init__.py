@@ -47,6 +47,13 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
+def describe(device: torch.device) -> str:
+    """Which kernel a decode step's attention uses on `device`: "native", or "torch (why)"."""
+    if device.type != "cpu":
+        return f"torch ({device.type})"
+    return "native" if available() else f"torch ({unavailable_reason()})"
+
+
 def _load() -> ctypes.CDLL | None:
     global _library, _reason
     if _library is not None or _reason is not None:
