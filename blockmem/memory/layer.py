@@ -17,6 +17,9 @@ import torch
 from blockmem.memory.store import BlockStore
 
 
+_SLACK = 128  # spare tokens a window buffer gets when it is (re)allocated
+
+
 class Window:
     """Recent tokens in a buffer [1, Hkv, capacity, D]; the live span is [begin, end)."""
 
@@ -33,9 +36,10 @@ class Window:
         size = len(self)
         if self.end + extra <= self.keys.shape[2]:
             return
-        # Room for this append and about as much again (or a quarter of the window): compacting
-        # copies the live span, which is cheap next to attention; doubling held ~2x more RAM.
-        capacity = max(256, size + extra + max(extra, size // 4))
+        # Room for this append and 128 tokens more: compacting copies the live span (~2K tokens
+        # every 128 decode steps, or once per prefill piece), cheap next to attention; more slack
+        # is RAM held in every layer (a quarter of the window was ~18 MiB over 30 float32 layers).
+        capacity = max(256, size + extra + _SLACK)
         keys = self.keys.new_empty(*self.keys.shape[:2], capacity, self.keys.shape[3])
         values = self.values.new_empty(keys.shape)
         scores = self.scores.new_zeros(self.scores.shape[0], capacity)
