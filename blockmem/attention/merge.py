@@ -80,6 +80,8 @@ def _kernel_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[tor
     """One sequence's q [1, Hq, T, D], k, v [1, Hkv, S, D] as the kernel takes them (q grouped to
     [Hkv, G*T, D]), or None where it cannot."""
     grouped = q.reshape(k.shape[1], -1, q.shape[-1])
+    if grouped.shape[1] > kernels.MAX_ROWS:
+        return None  # a prefill piece: no need to look at the keys
     keys = kernels.key_set(k[0], v[0])
     return (grouped, keys) if kernels.supports(grouped, [keys]) else None
 

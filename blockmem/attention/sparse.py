@@ -148,16 +148,17 @@ class WorkingSet:
             changes += zip([head] * len(free), free, [block for block in new if block not in held])
         if not changes:
             return
-        needed = sorted({block for _, _, block in changes})  # each block fetched once, whichever heads want it
-        keys, values = self._slot_views(store)
+        targets: dict[int, list[tuple[int, int]]] = {}  # block -> (head, slot) it goes to
         for head, slot, block in changes:
+            targets.setdefault(block, []).append((head, slot))
             self.slots[head, slot] = block
+        needed = sorted(targets)  # each block fetched once, whichever heads want it
+        keys, values = self._slot_views(store)
 
         def take(i: int, page: torch.Tensor) -> None:
-            for head, slot, block in changes:
-                if block == needed[i]:
-                    keys[head, slot].copy_(page[0, head])
-                    values[head, slot].copy_(page[1, head])
+            for head, slot in targets[needed[i]]:
+                keys[head, slot].copy_(page[0, head])
+                values[head, slot].copy_(page[1, head])
 
         store.each_page(needed, take)
 
@@ -215,7 +216,7 @@ class SparseLayer(LayerCache):
         memory.append(rotary.rotate(k, start), v)
         if memory.contiguous:
             keys, values = memory.local()
-            out, lse = merge(self._window_parts(q_true, keys, values, length, scale))
+            out, lse = self._with_window([], q_true, keys, values, length, scale)
             self.telemetry.record(self.spec.index, length, start + length, None)
         else:
             out, lse = self._attend_memory(q, q_true, rotary, start, length, scale)
@@ -224,14 +225,19 @@ class SparseLayer(LayerCache):
         self._evict(rotary)
         return out
 
-    def _window_parts(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
-                      scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Earlier keys without a mask, the chunk's own keys causally; a single query reads all at once."""
-        prefix = keys.shape[2] - length
-        if length == 1 or prefix == 0:
-            return [partial_attention(q, keys, values, scale, causal=length > 1)]
-        return [partial_attention(q, keys[:, :, :prefix], values[:, :, :prefix], scale, False),
-                partial_attention(q, keys[:, :, prefix:], values[:, :, prefix:], scale, causal=True)]
+    def _with_window(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], q_true: torch.Tensor,
+                     keys: torch.Tensor, values: torch.Tensor, length: int,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`parts` (q, k, v) and the window's keys before the piece read without a mask, the
+        piece's own keys (the window's last `length`) causally; a single query reads all at once."""
+        prefix = keys.shape[2] - (length if length > 1 else 0)
+        free = [part for part in [*parts, (q_true, keys[:, :, :prefix], values[:, :, :prefix])] if part[1].shape[2]]
+        causal = None if length == 1 else partial_attention(q_true, keys[:, :, prefix:], values[:, :, prefix:], scale,
+                                                            causal=True)
+        if not free:
+            return causal
+        read = attend_parts(free, scale)
+        return read if causal is None else merge([read, causal])
 
     def _attend_memory(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary, start: int, length: int,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,14 +255,7 @@ class SparseLayer(LayerCache):
         window_keys, window_values = memory.window.span()
         self.telemetry.record(self.spec.index, length, far_keys.shape[2] + window_keys.shape[2],
                               None if selected is None else selected.tolist())
-        # Every part but the piece's own keys (when it has more than one query) reads without a mask.
-        prefix = window_keys.shape[2] - (length if length > 1 else 0)
-        out, lse = attend_parts([(q_far, far_keys, far_values),
-                                 (q_true, window_keys[:, :, :prefix], window_values[:, :, :prefix])], scale)
-        if length == 1:
-            return out, lse
-        return merge([(out, lse), partial_attention(q_true, window_keys[:, :, prefix:], window_values[:, :, prefix:],
-                                                    scale, causal=True)])
+        return self._with_window([(q_far, far_keys, far_values)], q_true, window_keys, window_values, length, scale)
 
     def _attend_in_place(self, q_far: torch.Tensor, q_true: torch.Tensor, length: int,
                          scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -380,12 +380,14 @@ class Tiers:
         """Like `fetch`, but hands page i to `take(i, page)` instead of gathering the pages into a
         new tensor: where the host pool serves the compute device (CPU, or no tiers) the page is
         the pool's own, in the storage dtype, so `take` must copy out of it before returning."""
-        with self._lock:
-            if self.pool_serves_compute:
-                for i, slot in enumerate(self._host_slots(layer, ids)):
-                    take(i, self.host.pages[slot])
-                return
-            pages = self._fetch(layer, ids)
+        if self.pool_serves_compute:
+            def each(pages: torch.Tensor, slots: list[int]) -> None:
+                for i, slot in enumerate(slots):
+                    take(i, pages[slot])
+
+            self._in_pool(layer, ids, each, copied=True)
+            return
+        pages = self.fetch(layer, ids)
         for i in range(len(ids)):
             take(i, pages[i])
 
@@ -395,11 +397,15 @@ class Tiers:
         eviction, no read-ahead insert); returns what `use` returns. For readers that work on the
         pages where they lie (the CPU decode kernel): nothing is copied, so these reads count as
         `blocks_read_in_place`, not as bytes moved. Only where `pool_serves_compute`."""
+        if not self.pool_serves_compute:
+            raise AssertionError("read_in_place: the host pool is not on the compute device")
+        return self._in_pool(layer, ids, use, copied=False)
+
+    def _in_pool(self, layer: int, ids: list[int], use: Callable[[torch.Tensor, list[int]], T], copied: bool) -> T:
         with self._lock:
-            if not self.pool_serves_compute:
-                raise AssertionError("read_in_place: the host pool is not on the compute device")
-            self.blocks_read_in_place += len(ids)
-            slots = self._host_slots(layer, ids, copied=False)
+            if not copied:
+                self.blocks_read_in_place += len(ids)
+            slots = self._host_slots(layer, ids, copied)  # may grow the pool: read host.pages after
             return use(self.host.pages, slots)
 
     @property
