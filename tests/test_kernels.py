@@ -114,3 +114,11 @@ def test_a_failing_build_is_a_reason_and_a_build_is_cached(fresh_kernels, monkey
     assert kernels.available()
     built = list((fresh_kernels / "kernels").glob("decode_attention-*.so"))
     assert len(built) == 1 and kernels._build() == built[0]  # the next load reuses it
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler: the kernel cannot be built here")
+def test_a_damaged_cached_build_is_rebuilt(fresh_kernels) -> None:
+    built = kernels._build()  # built, not loaded (overwriting a loaded library would break this process)
+    built.write_bytes(b"not a shared library")  # a truncated or corrupted cache entry
+    assert kernels.available(), kernels.unavailable_reason()
+    assert built.read_bytes() != b"not a shared library"  # rebuilt in place of the damaged file

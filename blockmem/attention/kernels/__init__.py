@@ -64,10 +64,21 @@ def _load() -> ctypes.CDLL | None:
                 _reason = "turned off by BLOCKMEM_KERNELS=0"
             else:
                 try:
-                    _library = _bind(ctypes.CDLL(str(_build())))
-                except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                    _library = _open()
+                except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as error:
                     _reason = str(error)
     return _library
+
+
+def _open() -> ctypes.CDLL:
+    """Load the built kernel; a cached build that does not load (damaged, truncated, missing a
+    symbol) is removed and built again once, never trusted."""
+    path = _build()
+    try:
+        return _bind(ctypes.CDLL(str(path)))
+    except (OSError, AttributeError, RuntimeError):
+        path.unlink(missing_ok=True)
+        return _bind(ctypes.CDLL(str(_build())))
 
 
 def _cpu_signature() -> str:
