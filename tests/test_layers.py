@@ -72,6 +72,29 @@ def test_dense_layer_matches_naive_attention(window) -> None:
         assert torch.allclose(torch.cat(parts, 2), expected, atol=1e-5)
 
 
+def test_rotary_rotates_at_any_position_without_a_table_of_every_position() -> None:
+    """Rotation equals the textbook formula (cos/sin in float64 of the float32 angles every
+    float32 RoPE uses) from position 0 to far past any trained window, and what Rotary keeps
+    stays a few recent slices, not one row per position (a table grown by doubling held ~1 KB
+    per context token)."""
+    torch.manual_seed(0)
+    rope = RopeConfig(10000.0)
+    rotary = Rotary(rope, 8)
+    inv = inverse_frequencies(rope, 8)
+    for start in (0, 1, 4093, 300_000, 2_000_000):
+        x = torch.randn(2, 5, 8)
+        angles = (torch.arange(start, start + 5, dtype=torch.float32)[:, None] * inv[None, :]).double()
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+        half = torch.cat([-x[..., 4:], x[..., :4]], -1).double()
+        expected = x.double() * cos + half * sin
+        assert torch.allclose(rotary.rotate(x, start).double(), expected, atol=1e-5)
+        assert torch.allclose(rotary.unrotate(rotary.rotate(x, start), start), x, atol=1e-5)
+    for step in range(40):  # a long decode: one position per step
+        rotary.rotate(torch.randn(1, 1, 8), 1_000_000 + step)
+    held = sum(cos.numel() + sin.numel() for cos, sin in rotary._slices.values())
+    assert held <= 16 * 5 * 8 * 2
+
+
 def test_llama3_rope_matches_transformers() -> None:
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

@@ -43,35 +43,32 @@ def _llama3(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 class Rotary:
-    """cos/sin for positions 0..n-1, grown on demand (by doubling) on the device of first use.
+    """cos/sin for a run of positions, computed when first asked for and kept for the few calls
+    that reuse them (the layers of one step ask for the same positions). No table of every
+    position is kept: one grown by doubling held ~1 KB per context token (256 MB at 256K).
 
-    The sin table carries rotate-half's sign (-sin on the first half), so a rotation is one
-    roll and three elementwise ops; the layers of a step share the few slices they fetch.
+    The sin carries rotate-half's sign (-sin on the first half), so a rotation is one roll and
+    three elementwise ops.
     """
 
     def __init__(self, rope: RopeConfig, head_dim: int) -> None:
         self.inv_freq = inverse_frequencies(rope, head_dim)
-        self._cos = self._sin = torch.empty(0, device="cpu")
         self._slices: dict[tuple[int, int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _grow(self, needed: int, device: torch.device) -> None:
-        size = max(needed, 2 * self._cos.shape[0], 256)
-        positions = torch.arange(size, dtype=torch.float32, device=device)
-        freqs = positions[:, None] * self.inv_freq.to(device)[None, :]
-        self._cos = torch.cat([freqs, freqs], dim=-1).cos()
-        self._sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
 
     def table(self, start: int, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin: [length, head_dim] for positions start..start+length-1."""
         key = (start, length, device, dtype)
-        if key in self._slices:
-            return self._slices[key]
-        if start + length > self._cos.shape[0] or self._cos.device != device:
-            self._grow(start + length, device)
+        found = self._slices.get(key)
+        if found is not None:
+            return found
         if len(self._slices) >= 16:  # positions move on every step; keep only recent slices
             self._slices.clear()
-        self._slices[key] = (self._cos[start:start + length].to(dtype), self._sin[start:start + length].to(dtype))
-        return self._slices[key]
+        positions = torch.arange(start, start + length, dtype=torch.float32, device=device)
+        freqs = positions[:, None] * self.inv_freq.to(device)[None, :]
+        sin = freqs.sin()
+        found = self._slices[key] = (torch.cat([freqs, freqs], dim=-1).cos().to(dtype),
+                                     torch.cat([-sin, sin], dim=-1).to(dtype))
+        return found
 
     def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: [..., T, D] at positions start..start+T-1 -> rotated, same shape and dtype."""
