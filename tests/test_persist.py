@@ -85,7 +85,7 @@ def _comparable(path: Path) -> tuple[dict, bytes]:
     header.pop("created")
     for doc in header["documents"]:
         doc.pop("prefill_seconds")
-    data = bytes(file.mapping[persist.PREAMBLE.size + len(json.dumps(file.header)) + 64:])
+    data = path.read_bytes()[persist.PREAMBLE.size + len(json.dumps(file.header)) + 64:]
     file.close()
     return header, data
 
@@ -133,6 +133,36 @@ def test_a_flipped_byte_anywhere_is_caught(tiny_llama, saved) -> None:
     _flip(saved, persist.PREAMBLE.size + 10)  # in the header
     with pytest.raises(MemoryFileError, match="header is truncated or corrupt"):
         SavedMemory.open(saved, tiny_llama)
+
+
+def test_a_corrupt_block_is_refused_every_time_it_is_read(tiny_llama, saved) -> None:
+    """The pool page a failed read was meant for is given back: a second read of the block fails
+    again instead of serving whatever the page held."""
+    header = persist.MemoryFile(saved).header
+    _flip(saved, header["arrays"]["blocks.0"]["offset"] + 7)
+    memory = SavedMemory.open(saved, tiny_llama, TierConfig(ram_budget=64 * header["page_bytes"]))
+    cache = memory.restore()
+    for _ in range(2):
+        with pytest.raises(MemoryFileError, match="block 0 of layer 0 fails its checksum"):
+            cache.tiers.fetch(0, [0])
+        assert (0, 0) not in cache.tiers.host.table
+    assert cache.tiers.fetch(0, [1]).shape[0] == 1  # the other blocks still read
+    cache.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_a_memory_is_read_without_mapping_it_and_outlives_its_file_object(tiny_llama, saved) -> None:
+    """Blocks and arrays are read with positioned reads: nothing of the file is mapped, so blocks
+    read from it never stay in this process's RSS; a restored cache keeps its own descriptor."""
+    memory = SavedMemory.open(saved, tiny_llama, TierConfig(ram_budget=1 << 20))
+    expected = memory.ask(QUESTION, max_new_tokens=3).token_ids
+    assert str(saved) not in Path("/proc/self/maps").read_text()
+    cache = memory.restore()
+    memory.close()
+    blocks = cache.tiers.fetch(0, [0, 1])  # read from disk after the file object is closed
+    assert blocks.shape[0] == 2 and torch.isfinite(blocks).all()
+    cache.close()
+    assert SavedMemory.open(saved, tiny_llama).ask(QUESTION, max_new_tokens=3).token_ids == expected
 
 
 @pytest.mark.parametrize("cut", [1, 5000, None])

@@ -29,7 +29,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import mmap
 import os
 import struct
 import zlib
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from blockmem.errors import MemoryFileError
-from blockmem.memory.tiers import BaseBlocks, release
+from blockmem.memory.tiers import BaseBlocks, read_at
 
 MAGIC = b"BMEM"
 VERSION = 1
@@ -219,7 +218,8 @@ def write(path: Path, plan: Plan, progress: Callable[[int, int], None] | None = 
 # ---- reading --------------------------------------------------------------------------------------
 
 class MemoryFile:
-    """An opened `.bmem` file: the header checked, the arrays mapped and read on demand."""
+    """An opened `.bmem` file: the header checked, arrays and blocks read on demand (positioned
+    reads from an open descriptor; nothing is mapped, so nothing read stays resident)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = path = Path(path)
@@ -244,13 +244,24 @@ class MemoryFile:
         if size != self.header["file_bytes"]:
             raise MemoryFileError(f"{path} is truncated or padded: {size} bytes, expected "
                                   f"{self.header['file_bytes']}", _REBUILD)
-        with open(path, "rb") as handle:
-            self.mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        # Arrays and blocks are read on demand with positioned reads from this descriptor (which
+        # keeps the file a reader opened even when a writer replaces it).
+        self.fd: int | None = os.open(path, os.O_RDONLY)
         self._checked: set[str] = set()
 
     def close(self) -> None:
-        with contextlib.suppress(BufferError):  # a tensor still views the mapping: let GC close it
-            self.mapping.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _descriptor(self) -> int:
+        if self.fd is None:
+            raise MemoryFileError(f"{self.path} is closed", "open it again")
+        return self.fd
 
     def summary(self) -> dict[str, Any]:
         """The header fields a person wants (`blockmem memory info`), plus the block count."""
@@ -273,27 +284,23 @@ class MemoryFile:
             raise MemoryFileError(f"{self.path} was built with {self.header['compute_dtype']} activations, this model "
                                   f"runs in {DTYPE_NAMES[dtype]}", f"use --dtype {self.header['compute_dtype']}")
 
-    def _view(self, name: str) -> tuple[memoryview, dict[str, Any]]:
+    def array(self, name: str) -> torch.Tensor:
+        """A small array, read from the file and checked against its checksum."""
         entry = self.header["arrays"].get(name)
         if entry is None:
             raise MemoryFileError(f"{self.path} has no array {name!r} (the file is corrupt)", _REBUILD)
         dtype = DTYPES[entry["dtype"]]
-        size = int(np.prod(entry["shape"])) * torch.empty(0, dtype=dtype).element_size()
-        return memoryview(self.mapping)[entry["offset"]:entry["offset"] + size], entry
-
-    def array(self, name: str) -> torch.Tensor:
-        """A small array, copied out of the file after its checksum is checked."""
-        data, entry = self._view(name)
+        data = bytearray(int(np.prod(entry["shape"])) * torch.empty(0, dtype=dtype).element_size())
+        if not read_at(self._descriptor(), entry["offset"], memoryview(data)):
+            raise MemoryFileError(f"{self.path}: array {name} lies past the end of the file (it is truncated)",
+                                  _REBUILD)
         if name not in self._checked:
             if f"{zlib.crc32(data):08x}" != entry["crc32"]:
                 raise MemoryFileError(f"{self.path}: array {name} fails its checksum (the file is corrupt)", _REBUILD)
             self._checked.add(name)
-        dtype = DTYPES[entry["dtype"]]
-        if not len(data):
+        if not data:
             return torch.empty(entry["shape"], dtype=dtype)
-        copy = bytearray(data)
-        release(self.mapping, entry["offset"], len(data))
-        return torch.frombuffer(copy, dtype=dtype).reshape(entry["shape"])
+        return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
 
     def base_blocks(self) -> BaseBlocks:
         offsets, counts, crcs = {}, {}, {}
@@ -302,7 +309,7 @@ class MemoryFile:
                 offsets[layer] = self.header["arrays"][f"blocks.{layer}"]["offset"]
                 counts[layer] = state["blocks"]
                 crcs[layer] = self.array(f"blocks.{layer}.crc32").tolist()
-        return BaseBlocks(self.mapping, self.path, offsets, counts, crcs)
+        return BaseBlocks(os.dup(self._descriptor()), self.path, offsets, counts, crcs)
 
     def verify(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Check every checksum; returns the bytes checked."""
@@ -313,13 +320,13 @@ class MemoryFile:
         base = self.base_blocks()
         total = sum(base.counts.values())
         done = 0
-        page = self.header["page_bytes"]
+        buffer = memoryview(bytearray(self.header["page_bytes"]))
         for layer, count in base.counts.items():
             for index in range(count):
-                offset = base.offsets[layer] + index * page
-                crc = zlib.crc32(memoryview(self.mapping)[offset:offset + page])
-                release(self.mapping, offset, page)
-                if crc != base.crcs[layer][index]:
+                if not read_at(base.fd, base.offsets[layer] + index * len(buffer), buffer):
+                    raise MemoryFileError(f"{self.path}: block {index} of layer {layer} lies past the end of the "
+                                          "file (it is truncated)", _REBUILD)
+                if zlib.crc32(buffer) != base.crcs[layer][index]:
                     raise MemoryFileError(f"{self.path}: block {index} of layer {layer} fails its checksum "
                                           "(the file is corrupt)", _REBUILD)
                 done += 1

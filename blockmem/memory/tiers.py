@@ -7,7 +7,7 @@ A block is one layer's keys and values for `block_size` tokens, kept as one page
     PagePool in host RAM             preallocated pages (pinned when the device is CUDA); a cache
                                      when a disk store exists, else the only copy (`ram_budget`)
     DiskStore                        per-layer append-only files, plus the read-only block arrays
-                                     of a saved memory (memory-mapped)
+                                     of a saved memory (read in place with positioned reads)
 
 The tier contract, which both store kinds follow:
     lookup(key)       where the block is in this tier (a page slot or offset), or None
@@ -25,7 +25,6 @@ Every copy between tiers is counted (`Tiers.stats`).
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import shutil
@@ -135,6 +134,10 @@ class PagePool:
         self.table[key] = slot
         return slot
 
+    def unreserve(self, key: Key) -> None:
+        """Give back the slot `reserve` gave `key` when filling it failed."""
+        self.free.append(self.table.pop(key))
+
     def store(self, key: Key, page: torch.Tensor, keep: set[Key] | frozenset[Key] = frozenset(),
               non_blocking: bool = False) -> int:
         slot = self.table.get(key)
@@ -191,13 +194,18 @@ class PagePool:
 @dataclass
 class BaseBlocks:
     """The read-only block arrays of a saved memory: per layer, `count` pages at `offset` in
-    the mapped file, with one crc32 per page checked the first time the page is read."""
+    the open file `fd`, with one crc32 per page checked the first time the page is read. The
+    descriptor is this object's own (closed when it is collected), so a restored cache keeps
+    reading after the file object it came from is closed."""
 
-    mapping: mmap.mmap
+    fd: int
     path: Path
     offsets: dict[int, int]
     counts: dict[int, int]
     crcs: dict[int, list[int]]
+
+    def __post_init__(self) -> None:
+        weakref.finalize(self, os.close, self.fd)
 
 
 class DiskStore:
@@ -256,19 +264,16 @@ class DiskStore:
         target = _bytes_view(out)
         if index < self._base_count(layer):
             base = self.base
-            offset = base.offsets[layer] + index * self.page_bytes
-            source = memoryview(base.mapping)[offset:offset + self.page_bytes]
+            if not read_at(base.fd, base.offsets[layer] + index * self.page_bytes, target):
+                raise MemoryFileError(f"{base.path}: block {index} of layer {layer} lies past the end of the file "
+                                      "(it is truncated)", "rebuild the memory with `blockmem memory build`")
             if key not in self.verified:
-                if zlib.crc32(source) != base.crcs[layer][index]:
+                if zlib.crc32(target) != base.crcs[layer][index]:
                     raise MemoryFileError(f"{base.path}: block {index} of layer {layer} fails its checksum "
                                           "(the file is corrupt)", "rebuild the memory with `blockmem memory build`")
                 self.verified.add(key)
-            target[:] = source
-            release(base.mapping, offset, self.page_bytes)
         else:
-            spill = index - self._base_count(layer)
-            done = os.preadv(self.files[layer], [target], spill * self.page_bytes)
-            if done != self.page_bytes:
+            if not read_at(self.files[layer], (index - self._base_count(layer)) * self.page_bytes, target):
                 raise AssertionError(f"disk: short read of block {key}")
         self.bytes_read += self.page_bytes
 
@@ -284,14 +289,17 @@ class DiskStore:
                 "spill_dir": str(self.root)}
 
 
-def release(mapping: mmap.mmap, offset: int, size: int) -> None:
-    """Drop pages of a read-only mapping from this process's RSS once copied out (the OS page
-    cache keeps them): otherwise every block ever read from a saved memory counts as resident."""
-    start = offset - offset % mmap.PAGESIZE
-    try:
-        mapping.madvise(mmap.MADV_DONTNEED, start, offset + size - start)
-    except (AttributeError, OSError, ValueError):  # platforms without madvise: RSS only
-        pass
+def read_at(fd: int, offset: int, target: memoryview) -> bool:
+    """Fill `target` with the file's bytes at `offset`; False if the file ends first. Positioned
+    reads map nothing, so a block read from a saved memory stops counting towards this process's
+    RSS once the page it was copied into is gone (a mapping kept faulted-around pages resident)."""
+    done = 0
+    while done < len(target):
+        got = os.preadv(fd, [target[done:]], offset + done)
+        if got <= 0:
+            return False
+        done += got
+    return True
 
 
 def _bytes_view(page: torch.Tensor) -> memoryview:
@@ -464,8 +472,12 @@ class Tiers:
                     raise AssertionError(f"block {key} is in no tier")
                 self._host_write_barrier()
                 slot = self.host.reserve(key, wanted)
-                with self._disk_lock:
-                    self.disk.load(key, self.host.pages[slot])
+                try:
+                    with self._disk_lock:
+                        self.disk.load(key, self.host.pages[slot])
+                except BaseException:
+                    self.host.unreserve(key)  # the page holds no valid copy of the block
+                    raise
             slots.append(slot)
         return slots
 
