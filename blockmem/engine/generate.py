@@ -120,16 +120,19 @@ class Engine:
     def _forward(self, ids: list[int], cache: KVCache) -> torch.Tensor:
         decoder = self.model.decoder
         tensor = torch.tensor([ids], dtype=torch.long, device=decoder.device)
-        return decoder(tensor, cache, Logits.LAST)[0, -1]
+        logits = decoder(tensor, cache, Logits.LAST)[0, -1]
+        if cache.tiers is not None and cache.tiers.config.ram_budget is not None:
+            # A RAM budget is a promise about RSS: give freed activations back after every
+            # prefill chunk and decode step (0.1-2 ms; glibc otherwise keeps them once its mmap
+            # threshold has risen).
+            trim_heap()
+        return logits
 
     def prefill(self, ids: list[int], cache: KVCache, on_prefill: ProgressFn | None = None) -> torch.Tensor:
         """Feed the prompt in chunks; returns the last position's logits [vocab] float32."""
         logits = torch.empty(0)
-        bounded = cache.tiers is not None and cache.tiers.config.ram_budget is not None
         for start in range(0, len(ids), self.prefill_chunk):
             logits = self._forward(ids[start:start + self.prefill_chunk], cache)
-            if bounded:
-                trim_heap()  # a RAM budget is a promise about RSS: give freed activations back
             if on_prefill is not None:
                 on_prefill(min(start + self.prefill_chunk, len(ids)), len(ids))
         return logits

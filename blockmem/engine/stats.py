@@ -16,7 +16,7 @@ _LIBC: Any = None
 def trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere). Freed
     activations otherwise stay in glibc's heap once its mmap threshold has risen: ~200 MB of RSS
-    for SmolLM2 at 16K. Called after each prefill chunk when a RAM budget is set."""
+    for SmolLM2 at 16K. Called after each prefill chunk and decode step when a RAM budget is set."""
     global _LIBC
     if _LIBC is None:
         _LIBC = False
