@@ -61,7 +61,8 @@ PoolKernel = Annotated[int | None, typer.Option(help="blocksparse/nosa: tokens p
 PoolStride = Annotated[int | None, typer.Option(help="blocksparse/nosa: stride between pooled sub-blocks.")]
 Agnostic = Annotated[float | None, typer.Option(help="nosa: share of the blocks chosen without the query.")]
 Importance = Annotated[str | None, typer.Option(help="nosa: query-agnostic importance, mass or vnorm.")]
-Chunk = Annotated[int, typer.Option("--chunk-size", help="Prefill chunk in tokens: bounds memory per step.")]
+Chunk = Annotated[int | None, typer.Option("--chunk-size", help="Prefill chunk in tokens: bounds memory per step. "
+                                           "Default 1024, or 512 with --ram-budget.", show_default=False)]
 _TIER_HELP = "Memory tiers (block-memory methods)."
 RamBudget = Annotated[str | None, typer.Option(help=f"{_TIER_HELP} Bytes of blocks kept in RAM, e.g. 256MB or 2GB; "
                                                "older blocks spill to disk (--spill-dir). Default: all in RAM.")]
@@ -109,7 +110,7 @@ def _tier_config(ram_budget: str | None, device_budget: str | None, spill_dir: P
                       keep_important=keep_important)
 
 
-def _setup(model: str | None, dtype: str, device: str, threads: int | None, method: str, chunk: int,
+def _setup(model: str | None, dtype: str, device: str, threads: int | None, method: str, chunk: int | None,
            options: dict[str, Any] | None = None, tiers: Any = None) -> Any:
     from blockmem.attention import create_method
     from blockmem.engine import Engine
@@ -173,7 +174,7 @@ def run(
     n_local: NLocal = None, position: PositionOpt = None, repr_keys: ReprKeys = None, per_head: PerHead = None,
     switch_length: Switch = None, pool_kernel: PoolKernel = None, pool_stride: PoolStride = None,
     agnostic_fraction: Agnostic = None, importance: Importance = None, exec_size: ExecSize = None,
-    chunk_size: Chunk = 1024, ram_budget: RamBudget = None, device_budget: DeviceBudget = None,
+    chunk_size: Chunk = None, ram_budget: RamBudget = None, device_budget: DeviceBudget = None,
     spill_dir: SpillDir = None, storage_dtype: StorageDtype = None, keep_important: KeepImportant = False,
     threads: Threads = None, dtype: Dtype = "float32", device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, stats, method settings and "
@@ -209,7 +210,7 @@ def run(
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     ids = engine.encode(text, messages, raw=raw)
     progress, update = _progress("prefill", len(ids))
-    show_progress = len(ids) > 2 * chunk_size
+    show_progress = len(ids) > 2 * engine.prefill_chunk
     with progress if show_progress else contextlib.nullcontext():
         stream = engine.stream(prompt_ids=ids, params=params, on_prefill=update if show_progress else None)
         for piece in stream:
@@ -287,7 +288,7 @@ def _memory_model(header: dict[str, Any]) -> str | None:
 @_friendly
 def chat(model: Model = None, system: System = None, max_new_tokens: MaxNew = 512, temperature: Temperature = 0.0,
          top_k: TopK = 0, top_p: TopP = 1.0, seed: Seed = None, threads: Threads = None, dtype: Dtype = "float32",
-         device: Device = "auto", method: Method = "dense", chunk_size: Chunk = 1024) -> None:
+         device: Device = "auto", method: Method = "dense", chunk_size: Chunk = None) -> None:
     """Talk with the model interactively. /reset clears the conversation, /exit or Ctrl-D quits."""
     from blockmem.engine import SamplingParams
 
@@ -354,7 +355,7 @@ def memory_build(
     block_size: BlockSize = None, topk: TopK_ = None, n_init: NInit = None, n_local: NLocal = None,
     position: PositionOpt = None, repr_keys: ReprKeys = None, per_head: PerHead = None, switch_length: Switch = None,
     pool_kernel: PoolKernel = None, pool_stride: PoolStride = None, agnostic_fraction: Agnostic = None,
-    importance: Importance = None, exec_size: ExecSize = None, chunk_size: Chunk = 1024,
+    importance: Importance = None, exec_size: ExecSize = None, chunk_size: Chunk = None,
     ram_budget: RamBudget = None, spill_dir: SpillDir = None, storage_dtype: StorageDtype = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: questions continue the text as "
                                       "'Question: ... Answer:'.")] = False,

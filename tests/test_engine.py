@@ -59,6 +59,21 @@ def test_prefill_chunk_size_does_not_change_output(tiny_llama) -> None:
     assert outs[1] == outs[7] == outs[512]
 
 
+def test_prefill_chunk_defaults_to_512_under_a_ram_budget(tiny_llama, tmp_path) -> None:
+    """A RAM budget promises a bounded RSS: the default chunk halves the prefill's activations."""
+    from blockmem.engine.saved import SavedMemory
+    from blockmem.memory.persist import MemoryFile
+    from blockmem.memory.tiers import TierConfig
+
+    bounded = TierConfig(ram_budget=1 << 24, spill_dir=str(tmp_path))
+    assert Engine(tiny_llama).prefill_chunk == 1024
+    assert Engine(tiny_llama, "infllm", tiers=TierConfig(storage_dtype=None)).prefill_chunk == 1024
+    assert Engine(tiny_llama, "infllm", tiers=bounded).prefill_chunk == 512
+    assert Engine(tiny_llama, "infllm", prefill_chunk=64, tiers=bounded).prefill_chunk == 64
+    SavedMemory.build(tiny_llama, [("a.txt", "fox " * 40)], tmp_path / "m.bmem", "infllm", tiers=bounded)
+    assert MemoryFile(tmp_path / "m.bmem").header["prefill_chunk"] == 512  # extend reuses it
+
+
 def test_progress_callback_reports_chunks(tiny_llama) -> None:
     seen: list[tuple[int, int]] = []
     ids = tiny_llama.tokenizer.encode(" ".join(["fox"] * 50))

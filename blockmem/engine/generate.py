@@ -19,7 +19,8 @@ import torch
 
 from blockmem.attention import AttentionMethod, KVCache, create_method
 from blockmem.engine.sampler import Sampler, SamplingParams
-from blockmem.engine.stats import Stats, peak_gpu_bytes, peak_rss_bytes, trim_heap
+from blockmem.engine.stats import Stats, peak_gpu_bytes, peak_rss_bytes
+from blockmem.heap import trim_heap
 from blockmem.engine.stops import StopMatcher
 from blockmem.errors import ConfigError, ContextLengthError
 from blockmem.memory.tiers import TierConfig
@@ -63,9 +64,19 @@ class Stream:
         self.completion = yield from self._run
 
 
+def default_prefill_chunk(tiers: TierConfig | None) -> int:
+    """1,024 tokens; 512 under a RAM budget, which halves a chunk's activations (~40 MiB less peak
+    RSS for SmolLM2) at the same prefill speed for the block methods (whose attention already goes
+    in pieces of 512 queries; measured 33.7-36.1 s vs 34.5-36.0 s for 10K tokens)."""
+    return 512 if tiers is not None and tiers.ram_budget is not None else 1024
+
+
 class Engine:
-    def __init__(self, model: Model, method: AttentionMethod | str = "dense", prefill_chunk: int = 1024,
+    def __init__(self, model: Model, method: AttentionMethod | str = "dense", prefill_chunk: int | None = None,
                  tiers: TierConfig | None = None) -> None:
+        """`prefill_chunk`: prompt tokens per forward pass (default: `default_prefill_chunk`)."""
+        if prefill_chunk is None:
+            prefill_chunk = default_prefill_chunk(tiers)
         if prefill_chunk < 1:
             raise ConfigError(f"prefill chunk must be a positive number of tokens, got {prefill_chunk}")
         self.model = model

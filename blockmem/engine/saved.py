@@ -134,7 +134,7 @@ class SavedMemory:
     # -- building --------------------------------------------------------------------------------
     @classmethod
     def build(cls, model: Model, documents: list[Document], path: str | Path, method: AttentionMethod | str = "infllm",
-              *, prefill_chunk: int = 1024, tiers: TierConfig | None = None, raw: bool = False,
+              *, prefill_chunk: int | None = None, tiers: TierConfig | None = None, raw: bool = False,
               system: str | None = None, on_progress: ProgressFn | None = None) -> SavedMemory:
         """Prefill `documents` into a new memory and save it to `path` (replacing any file there
         only once the new one is complete)."""
@@ -142,6 +142,7 @@ class SavedMemory:
             raise ConfigError("no documents to build a memory from")
         method = create_method(method) if isinstance(method, str) else method
         engine = Engine(model, method, prefill_chunk=prefill_chunk, tiers=tiers)
+        prefill_chunk = engine.prefill_chunk
         tokenizer = model.tokenizer
         chat = model.has_chat_template and not raw
         tail = ""

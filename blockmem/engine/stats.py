@@ -10,28 +10,6 @@ from typing import Any
 import torch
 
 
-_LIBC: Any = None
-
-
-def trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere). Freed
-    activations otherwise stay in glibc's heap once its mmap threshold has risen: ~200 MB of RSS
-    for SmolLM2 at 16K. Called after each prefill chunk and decode step when a RAM budget is set."""
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = False
-        if sys.platform.startswith("linux"):
-            import ctypes
-
-            try:
-                _LIBC = ctypes.CDLL("libc.so.6")
-                _LIBC.malloc_trim
-            except (OSError, AttributeError):
-                _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
 def peak_gpu_bytes(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 

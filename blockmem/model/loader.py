@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from blockmem.config import ModelConfig
-from blockmem.engine.stats import trim_heap
+from blockmem.heap import trim_heap
 from blockmem.errors import ConfigError, ModelError
 from blockmem.model import int4
 from blockmem.model.catalog import CATALOG, DEFAULT_MODEL
