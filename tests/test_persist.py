@@ -234,6 +234,9 @@ _KILL_MIDWAY = textwrap.dedent("""
     from blockmem.engine.saved import SavedMemory
     from blockmem.memory import persist
 
+    # Ctrl-C raises KeyboardInterrupt even where this process was started with SIGINT ignored
+    # (a background job of a non-interactive shell)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     calls = 0
     original = persist._Sink.write_at
 
