@@ -60,9 +60,9 @@ def _setup(args: argparse.Namespace):
 
 
 def _correct(trial: dict, answer: str) -> bool:
-    from blockmem.eval.passkey import Trial
+    from blockmem.eval.passkey import key_found
 
-    return Trial(0, 0, trial["key"], 0.0, "", 0).score(answer)
+    return key_found(trial["key"], answer)
 
 
 def worker_trial(args: argparse.Namespace) -> dict:

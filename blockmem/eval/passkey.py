@@ -35,8 +35,13 @@ class Trial:
 
     def score(self, answer: str) -> bool:
         """True when the first number in the answer is the key."""
-        found = re.search(r"\d+", answer)
-        return found is not None and found.group() == self.key
+        return key_found(self.key, answer)
+
+
+def key_found(key: str, answer: str) -> bool:
+    """True when the first number in `answer` is `key`."""
+    found = re.search(r"\d+", answer)
+    return found is not None and found.group() == key
 
 
 def make_trial(tokenizer: Tokenizer, length: int, index: int, seed: int = 0, haystack: str = "filler",

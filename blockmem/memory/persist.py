@@ -323,12 +323,7 @@ class MemoryFile:
         buffer = memoryview(bytearray(self.header["page_bytes"]))
         for layer, count in base.counts.items():
             for index in range(count):
-                if not read_at(base.fd, base.offsets[layer] + index * len(buffer), buffer):
-                    raise MemoryFileError(f"{self.path}: block {index} of layer {layer} lies past the end of the "
-                                          "file (it is truncated)", _REBUILD)
-                if zlib.crc32(buffer) != base.crcs[layer][index]:
-                    raise MemoryFileError(f"{self.path}: block {index} of layer {layer} fails its checksum "
-                                          "(the file is corrupt)", _REBUILD)
+                base.read(layer, index, buffer)
                 done += 1
                 if progress is not None and done % 64 == 0:
                     progress(done, total)

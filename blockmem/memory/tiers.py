@@ -207,6 +207,17 @@ class BaseBlocks:
     def __post_init__(self) -> None:
         weakref.finalize(self, os.close, self.fd)
 
+    def read(self, layer: int, index: int, target: memoryview, check: bool = True) -> None:
+        """Copy page `index` of `layer` into `target` (one page), checking its crc32 if `check`;
+        a truncated or corrupt page raises MemoryFileError naming it."""
+        fix = "rebuild the memory with `blockmem memory build`"
+        if not read_at(self.fd, self.offsets[layer] + index * len(target), target):
+            raise MemoryFileError(f"{self.path}: block {index} of layer {layer} lies past the end of the file "
+                                  "(it is truncated)", fix)
+        if check and zlib.crc32(target) != self.crcs[layer][index]:
+            raise MemoryFileError(f"{self.path}: block {index} of layer {layer} fails its checksum "
+                                  "(the file is corrupt)", fix)
+
 
 class DiskStore:
     """Per-layer append-only spill files (`root`/layer-N.kv) and, below them, the blocks of a
@@ -263,15 +274,8 @@ class DiskStore:
         layer, index = key
         target = _bytes_view(out)
         if index < self._base_count(layer):
-            base = self.base
-            if not read_at(base.fd, base.offsets[layer] + index * self.page_bytes, target):
-                raise MemoryFileError(f"{base.path}: block {index} of layer {layer} lies past the end of the file "
-                                      "(it is truncated)", "rebuild the memory with `blockmem memory build`")
-            if key not in self.verified:
-                if zlib.crc32(target) != base.crcs[layer][index]:
-                    raise MemoryFileError(f"{base.path}: block {index} of layer {layer} fails its checksum "
-                                          "(the file is corrupt)", "rebuild the memory with `blockmem memory build`")
-                self.verified.add(key)
+            self.base.read(layer, index, target, check=key not in self.verified)
+            self.verified.add(key)
         else:
             if not read_at(self.files[layer], (index - self._base_count(layer)) * self.page_bytes, target):
                 raise AssertionError(f"disk: short read of block {key}")
