@@ -28,7 +28,7 @@ class BlockSparseMethod(SparseMethod):
     n_init: int = 64
     block_size: int = 64
     topk: int = 32
-    switch_length: int = 4096
+    switch_length: int | None = 4096
     pool_kernel: int | None = None  # default: half a block (InfLLM-V2: 32 of 64)
     pool_stride: int | None = None  # default: half the kernel (InfLLM-V2: 16)
 
@@ -40,8 +40,6 @@ class BlockSparseMethod(SparseMethod):
             object.__setattr__(self, "pool_stride", max(1, self.pool_kernel // 2))
         if not (1 <= self.pool_kernel <= self.block_size and self.pool_stride >= 1):
             raise ConfigError(f"{self.name}: pool-kernel must be 1..block-size and pool-stride at least 1")
-        if self.switch_length < 0:
-            raise ConfigError(f"{self.name}: switch-length must not be negative")
 
     def summarize(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = keys.float().unfold(1, self.pool_kernel, self.pool_stride).mean(dim=-1)  # [Hkv, sub, D]
@@ -61,6 +59,4 @@ class BlockSparseMethod(SparseMethod):
         return total
 
     def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
-        if length < self.switch_length:
-            return torch.arange(store.num_blocks, device=q.device).expand(spec.num_kv_heads, -1)
         return top_blocks(self.block_scores(q, store, spec), self.topk)

@@ -20,13 +20,17 @@ class InfLLMMethod(SparseMethod):
     while in the window. InfLLM scores a block by the sum of the chunk's query dot products with
     them, which is linear, so the store keeps their mean. One selection serves all heads of a
     layer (`per_head`: one per KV head). With `position=infllm` (default) every selected token
-    sits n_local positions before the query; the sinks and window keep their local positions."""
+    sits n_local positions before the query; the sinks and window keep their local positions.
+    While the sequence is shorter than `switch_length` (default: the budget, so while a query
+    would read every block anyway) every token is read at its true position, exactly as `dense`:
+    the fixed distance is a way to read past the trained window, not a cost inside it."""
 
     name: ClassVar[str] = "infllm"
     needs_scores: ClassVar[bool] = True
     position: Position | str = Position.INFLLM
     repr_keys: int = 4
     per_head: bool = False
+    switch_length: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

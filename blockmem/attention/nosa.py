@@ -51,8 +51,6 @@ class NosaMethod(BlockSparseMethod):
         return sorted(set(top_blocks(store.summary("importance").t(), agnostic_k).flatten().tolist()))
 
     def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
-        if length < self.switch_length:
-            return torch.arange(store.num_blocks, device=q.device).expand(spec.num_kv_heads, -1)
         agnostic_k = round(self.topk * self.agnostic_fraction)
         agnostic = top_blocks(store.summary("importance").t(), agnostic_k)  # [Hkv, a]
         aware = self.block_scores(q, store, spec).scatter(1, agnostic, float("-inf"))

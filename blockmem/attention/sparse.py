@@ -7,8 +7,10 @@ each with the query rotated for that part, merged exactly by log-sum-exp:
                            sink j at n_local - j; compacted: renumbered after the sinks)
     window before piece    true positions, no mask (relative distances are exact)
     the piece itself       true positions, causal (the window's tail)
-Until the first token leaves the window everything is read like `dense`. After attending, the
-window's oldest whole blocks beyond n_local move to the block store with the method's summary.
+Until the first token leaves the window everything is read like `dense`, and so is every block,
+at its true position, while the sequence is shorter than the method's `switch_length` (InfLLM-V2's
+dense-sparse switch). After attending, the window's oldest whole blocks beyond n_local move to the
+block store with the method's summary.
 A method subclasses `SparseMethod` and implements `summarize` and `select`.
 """
 
@@ -52,6 +54,7 @@ class SparseMethod(AttentionMethod):
     topk: int = 16
     position: Position | str = Position.TRUE
     exec_size: int = 512  # queries that share one selection (InfLLM's execution block)
+    switch_length: int | None = 0  # dense below this many tokens; None: the effective budget
     keeps_blocks: ClassVar[bool] = True  # False: evicted tokens are dropped (StreamingLLM)
     needs_scores: ClassVar[bool] = False  # True: track the attention mass window tokens receive
 
@@ -65,6 +68,13 @@ class SparseMethod(AttentionMethod):
                 raise ConfigError(f"{self.name}: {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.n_init < 0 or self.topk < 0:
             raise ConfigError(f"{self.name}: n-init and topk must not be negative")
+        if self.switch_length is None:
+            object.__setattr__(self, "switch_length", self.budget())
+        if self.switch_length < 0:
+            raise ConfigError(f"{self.name}: switch-length must not be negative, got {self.switch_length}")
+        if self.switch_length and not self.keeps_blocks:
+            raise ConfigError(f"{self.name}: switch-length needs a method that keeps old blocks; {self.name} drops them",
+                              "leave --switch-length out")
 
     def context_limit(self, model_limit: int) -> int | None:
         return None  # bounded by memory, not by the model's window
@@ -110,7 +120,7 @@ class SparseMethod(AttentionMethod):
     def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
         """Block ids to read: [Hkv, k], sorted per head. q: [1, Hq, T, D], rotated as the memory
         part will see it; `length`: tokens in the sequence so far. Only called when the store
-        holds more than `topk` blocks."""
+        holds more than `topk` blocks, at or past the switch length."""
 
 
 def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -244,14 +254,17 @@ class SparseLayer(LayerCache):
         """Sinks and selected blocks as one part (every policy reads them with the same query
         rotation), then the window before the piece and the piece itself."""
         memory = self.memory
-        q_far = None if self.method.position is Position.COMPACTED else self._far_query(q, q_true, rotary, 0)
+        position = self._position(start + length)
+        q_far = None if position is Position.COMPACTED else self._far_query(q, q_true, rotary, 0, position)
         if length == 1 and q_far is not None:
             read = self._attend_in_place(q_far, q_true, start + length, scale)
             if read is not None:
                 return read
-        far_keys, far_values, selected = self._far(q if q_far is None else q_far, rotary, start + length, length)
+        far_keys, far_values, selected = self._far(q if q_far is None else q_far, rotary, start + length, length,
+                                                   position)
         if q_far is None:  # compacted: the query sits after the selected blocks and the window so far
-            q_far = self._far_query(q, q_true, rotary, far_keys.shape[2] - memory.init_length + start - memory.window_start)
+            q_far = self._far_query(q, q_true, rotary, far_keys.shape[2] - memory.init_length + start - memory.window_start,
+                                    position)
         window_keys, window_values = memory.window.span()
         self.telemetry.record(self.spec.index, length, far_keys.shape[2] + window_keys.shape[2],
                               None if selected is None else selected.tolist())
@@ -297,8 +310,17 @@ class SparseLayer(LayerCache):
                               + window_keys.shape[2], selected)
         return out.reshape(q_true.shape), lse.reshape(q_true.shape[:-1])
 
-    def _far(self, query: torch.Tensor, rotary: Rotary, length: int,
-             piece: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _position(self, length: int) -> Position:
+        """The position policy of a step at `length` tokens. Below the switch length every block is
+        read where it lies: blocks stored position-free are then read compacted, which with every
+        block selected, in order, puts each token at its true position."""
+        position = self.method.position
+        if length < self.method.switch_length and position is not Position.TRUE:
+            return Position.COMPACTED
+        return position
+
+    def _far(self, query: torch.Tensor, rotary: Rotary, length: int, piece: int,
+             position: Position) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys and values of the sinks followed by the selected blocks, and the selection [Hkv, k].
         `query` is the query blocks are scored with (position-free under compacted); `length` the
         tokens so far, `piece` the queries of this step."""
@@ -306,32 +328,32 @@ class SparseLayer(LayerCache):
         if store is None or not store.num_blocks:
             return memory.init_keys, memory.init_values, None
         ids = self._select(query, store, length)
-        keys, values = self._gather(store, ids, rotary, keep=piece == 1)
+        keys, values = self._gather(store, ids, rotary, piece == 1, position)
         return keys, values, ids
 
-    def _far_query(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary, offset: int) -> torch.Tensor:
+    def _far_query(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary, offset: int,
+                   position: Position) -> torch.Tensor:
         """The query as sinks and blocks see it. true: its true position. infllm: n_local, so every
         block token (stored position-free) sits n_local before it and sink j at n_local - j, as
         InfLLM reads its sinks with its memory. compacted: `offset` (selected blocks + window so
         far) after the sinks. Selection under compacted compares position-free queries and keys."""
-        position = self.method.position
         if position is Position.TRUE:
             return q_true
         if position is Position.INFLLM:
             return rotary.rotate_at(q, self.method.n_local)
         return rotary.rotate(q, self.memory.init_length + offset)
 
-    def _gather(self, store: BlockStore, ids: torch.Tensor, rotary: Rotary,
-                keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, store: BlockStore, ids: torch.Tensor, rotary: Rotary, keep: bool,
+                position: Position) -> tuple[torch.Tensor, torch.Tensor]:
         """Sinks then the selected blocks. Compacted positions need the blocks in order, rotated
         right after the sinks; otherwise positions are baked into the stored keys and order is
         free, so for decode steps (`keep`) a working set of slots is kept and only blocks that
         changed are copied in. Prefill pieces, far apart, gather afresh and keep nothing, so a
         long prefill holds one layer's selected blocks at a time, not every layer's."""
         memory = self.memory
-        if self.method.position is Position.COMPACTED or not keep:
+        if position is Position.COMPACTED or not keep:
             keys, values = store.gather(ids)
-            if self.method.position is Position.COMPACTED:
+            if position is Position.COMPACTED:
                 keys = rotary.rotate(keys, memory.init_length)
             return torch.cat([memory.init_keys, keys], dim=2), torch.cat([memory.init_values, values], dim=2)
         working = self._working
@@ -345,7 +367,7 @@ class SparseLayer(LayerCache):
 
     def _select(self, q_memory: torch.Tensor, store: BlockStore, length: int) -> torch.Tensor:
         heads = self.spec.num_kv_heads
-        if store.num_blocks <= self.method.topk:
+        if store.num_blocks <= self.method.topk or length < self.method.switch_length:
             return torch.arange(store.num_blocks, device=q_memory.device).expand(heads, -1)
         return self.method.select(q_memory, store, self.spec, length)
 
