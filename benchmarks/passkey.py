@@ -28,7 +28,7 @@ import blockmem
 from blockmem.attention import create_method
 from blockmem.errors import ContextLengthError
 from blockmem.eval.passkey import make_trial, parse_length
-from blockmem.eval.systems import parse_method  # noqa: F401 (also used by the other benchmarks)
+from blockmem.eval.systems import parse_method, split_methods
 
 
 def trial_numbers(text: str) -> list[int]:
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     model = blockmem.load(args.model, device="cpu", dtype=args.dtype)
     done = done_keys(args.out)
     for length in [parse_length(x) for x in args.lengths.split(",")]:
-        for spec in args.methods.split(";" if ";" in args.methods else ","):
+        for spec in split_methods(args.methods):
             name, options = parse_method(spec)
             engine = blockmem.Engine(model, method=create_method(name, **options))
             for index in args.indices or range(args.trials):
@@ -127,7 +127,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="short name, .gguf path or HF directory")
     parser.add_argument("--lengths", default="4k,8k,16k,32k,64k", help="prompt lengths in model tokens")
     parser.add_argument("--methods", default="dense,streaming,infllm,blocksparse,nosa,quest",
-                        help="comma-separated; use ';' between methods when options contain commas")
+                        help="comma-separated, with options: 'dense,infllm:topk=8,n_local=1024' ("
+                             "';' also separates)")
     parser.add_argument("--trials", type=int, default=10, help="trials per method and length")
     parser.add_argument("--indices", type=trial_numbers, help="run only these trial numbers, e.g. 3,6 (instead of 0..trials-1)")
     parser.add_argument("--seed", type=int, default=0, help="keys and depths follow from (seed, length, trial)")
