@@ -205,13 +205,13 @@ def test_other_model_tokenizer_and_dtype_are_refused(tiny, tiny_llama, saved, tm
         SavedMemory.open(saved, blockmem.load(tiny.get("llama")[0], device="cpu", dtype="bfloat16"))
 
 
-def test_memories_from_before_switch_lengths_open_with_none(tiny_llama, saved) -> None:
-    """A header written before methods had `switch_length` (infllm's now defaults to its budget)
-    opens as what it was built as: no stored block read densely."""
+def test_memories_from_before_switch_lengths_open_as_built(tiny_llama, saved) -> None:
+    """A header written before infllm, quest and streaming had `switch_length` opens as what it
+    was built as: no stored block read densely."""
     data = bytearray(saved.read_bytes())
     size = struct.unpack("<Q", data[8:16])[0]
     header = json.loads(data[48:48 + size])
-    assert header["method"]["options"].pop("switch_length") == 36  # budget 4 + 16 + 2 * 8
+    assert header["method"]["options"].pop("switch_length") == 0
     text = json.dumps(header).encode().ljust(size)
     data[16:48], data[48:48 + size] = hashlib.sha256(text).digest(), text
     saved.write_bytes(bytes(data))

@@ -67,16 +67,13 @@ def test_default_positions_equal_dense_while_nothing_leaves_the_window(tiny, nam
 
 @pytest.mark.parametrize("name", ["infllm", "quest"])
 def test_switch_length_reads_every_block_at_its_true_position(tiny, name: str) -> None:
-    """Below the switch length a block method equals dense whatever its position policy and top-k
-    (infllm's default switch is its budget); past it, infllm reads memory at the fixed distance."""
+    """Below the switch length a block method equals dense whatever its position policy and top-k;
+    past it, infllm reads memory at the fixed distance."""
     model = blockmem.load(tiny.get("llama")[0], device="cpu")
     ids = torch.randint(0, model.config.vocab_size, (1, 90), generator=torch.Generator().manual_seed(8))
     dense = run(model, "dense", ids, 90)
     options = dict(n_init=4, n_local=16, block_size=8, topk=2, position="infllm")
-    switched = create_method(name, **options, **({} if name == "infllm" else {"switch_length": 200}))
-    assert switched.switch_length == (4 + 16 + 2 * 8 if name == "infllm" else 200)
-    if name == "infllm":  # its budget (36) is below 90 tokens: raise the switch past them
-        switched = create_method(name, **options, switch_length=91)
+    switched = create_method(name, **options, switch_length=91)
     for chunk, decode in ((7, 10), (30, 0)):
         assert (run(model, switched, ids, chunk, decode) - dense).abs().max().item() < 1e-4, (name, chunk)
     # one token short of the whole sequence: its last steps read blocks at the fixed distance
@@ -85,8 +82,8 @@ def test_switch_length_reads_every_block_at_its_true_position(tiny, name: str) -
 
 
 def test_switch_length_is_validated() -> None:
-    assert create_method("infllm", n_init=1, n_local=10, block_size=4, topk=3).switch_length == 23
-    assert create_method("quest").switch_length == 0 and create_method("blocksparse").switch_length == 4096
+    assert create_method("infllm").switch_length == 0 and create_method("quest").switch_length == 0
+    assert create_method("blocksparse").switch_length == 4096 and create_method("nosa").switch_length == 4096
     with pytest.raises(ConfigError, match="switch-length must not be negative"):
         create_method("infllm", switch_length=-1)
     with pytest.raises(ConfigError, match="streaming drops them"):
@@ -240,7 +237,7 @@ def test_infllm_reads_memory_at_a_fixed_distance() -> None:
     n_local positions before the query, sink j at n_local - j (as InfLLM reads sinks with its
     memory), and the window at true relative distances."""
     n_init, n_local, block = 2, 8, 4
-    layer, rotary, _ = _layer("infllm", n_init=n_init, n_local=n_local, block_size=block, topk=100, switch_length=0)
+    layer, rotary, _ = _layer("infllm", n_init=n_init, n_local=n_local, block_size=block, topk=100)
     g = torch.Generator().manual_seed(0)
     keys, values = torch.randn(1, 2, 31, 8, generator=g), torch.randn(1, 2, 31, 8, generator=g)
     q = torch.randn(1, 4, 1, 8, generator=g)

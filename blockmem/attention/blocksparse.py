@@ -28,7 +28,7 @@ class BlockSparseMethod(SparseMethod):
     n_init: int = 64
     block_size: int = 64
     topk: int = 32
-    switch_length: int | None = 4096
+    switch_length: int = 4096
     pool_kernel: int | None = None  # default: half a block (InfLLM-V2: 32 of 64)
     pool_stride: int | None = None  # default: half the kernel (InfLLM-V2: 16)
 

@@ -21,16 +21,15 @@ class InfLLMMethod(SparseMethod):
     them, which is linear, so the store keeps their mean. One selection serves all heads of a
     layer (`per_head`: one per KV head). With `position=infllm` (default) every selected token
     sits n_local positions before the query; the sinks and window keep their local positions.
-    While the sequence is shorter than `switch_length` (default: the budget, so while a query
-    would read every block anyway) every token is read at its true position, exactly as `dense`:
-    the fixed distance is a way to read past the trained window, not a cost inside it."""
+    `switch_length` (default 0, as InfLLM) reads every block at its true position below that many
+    tokens; set to the budget it makes a context the budget covers read exactly as `dense`, but
+    it lost SmolLM2 passkeys whose needle lay in that dense-read prefix (docs/passkey.md)."""
 
     name: ClassVar[str] = "infllm"
     needs_scores: ClassVar[bool] = True
     position: Position | str = Position.INFLLM
     repr_keys: int = 4
     per_head: bool = False
-    switch_length: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

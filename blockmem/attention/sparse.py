@@ -54,7 +54,7 @@ class SparseMethod(AttentionMethod):
     topk: int = 16
     position: Position | str = Position.TRUE
     exec_size: int = 512  # queries that share one selection (InfLLM's execution block)
-    switch_length: int | None = 0  # dense below this many tokens; None: the effective budget
+    switch_length: int = 0  # every block read at its true position (dense) below this many tokens
     keeps_blocks: ClassVar[bool] = True  # False: evicted tokens are dropped (StreamingLLM)
     needs_scores: ClassVar[bool] = False  # True: track the attention mass window tokens receive
 
@@ -68,8 +68,6 @@ class SparseMethod(AttentionMethod):
                 raise ConfigError(f"{self.name}: {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.n_init < 0 or self.topk < 0:
             raise ConfigError(f"{self.name}: n-init and topk must not be negative")
-        if self.switch_length is None:
-            object.__setattr__(self, "switch_length", self.budget())
         if self.switch_length < 0:
             raise ConfigError(f"{self.name}: switch-length must not be negative, got {self.switch_length}")
         if self.switch_length and not self.keeps_blocks:

@@ -238,8 +238,6 @@ class MemoryFile:
         if len(text) < length or hashlib.sha256(text).digest() != digest:
             raise MemoryFileError(f"{path}: the header is truncated or corrupt", _REBUILD)
         self.header: dict[str, Any] = json.loads(text)
-        # memories built before methods had a switch length never read stored blocks densely
-        self.header["method"]["options"].setdefault("switch_length", 0)
         if not self.header.get("complete"):
             raise MemoryFileError(f"{path} is incomplete: a build or extend was interrupted while writing it",
                                   "delete it and build again")
