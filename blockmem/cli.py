@@ -57,8 +57,8 @@ ReprKeys = Annotated[int | None, typer.Option(help="infllm: representative keys 
 PerHead = Annotated[bool | None, typer.Option("--per-head/--shared", help="infllm: one selection per KV head "
                                               "instead of one per layer.", show_default=False)]
 Switch = Annotated[int | None, typer.Option(help="Block methods: read every block at its true position (dense) "
-                                            "below this many tokens. Default: blocksparse/nosa 4096, the others 0 "
-                                            "(never).")]
+                                            "below this many tokens. Default: blocksparse/nosa 4096; infllm: dense "
+                                            "for a prompt its budget covers, else 0 (InfLLM); others 0.")]
 PoolKernel = Annotated[int | None, typer.Option(help="blocksparse/nosa: tokens per pooled sub-block.")]
 PoolStride = Annotated[int | None, typer.Option(help="blocksparse/nosa: stride between pooled sub-blocks.")]
 Agnostic = Annotated[float | None, typer.Option(help="nosa: share of the blocks chosen without the query.")]

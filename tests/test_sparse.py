@@ -81,8 +81,41 @@ def test_switch_length_reads_every_block_at_its_true_position(tiny, name: str) -
     assert (run(model, late, ids, 7, 10) - dense).abs().max().item() > 1e-3
 
 
+def test_infllm_reads_a_prompt_its_budget_covers_as_dense(tiny) -> None:
+    """infllm's default switch is decided per prompt: within the budget (36 tokens here) prompt and
+    decode equal dense until the sequence outgrows the budget; a longer prompt is read at the fixed
+    distance from its first evicted block, exactly as InfLLM (switch_length=0)."""
+    model = blockmem.load(tiny.get("llama")[0], device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 90), generator=torch.Generator().manual_seed(9))
+    method = create_method("infllm", n_init=4, n_local=16, block_size=8, topk=2)
+    assert method.for_context(36).switch_length == 37 and method.for_context(37).switch_length == 0
+    assert create_method("infllm", switch_length=5).for_context(10).switch_length == 5  # explicit: kept
+
+    def logits(sized, prompt: int, total: int) -> torch.Tensor:
+        engine = blockmem.Engine(model, method=method)
+        cache = engine.new_cache(sized)
+        with torch.inference_mode():
+            out = [model.decoder(ids[:, :prompt], cache, Logits.ALL)]
+            out += [model.decoder(ids[:, p:p + 1], cache, Logits.ALL) for p in range(prompt, total)]
+        return torch.cat(out, dim=1)
+
+    dense = run(model, "dense", ids, 90)
+    short = logits(method.for_context(30), 30, 60)  # dense through token 36, then the fixed distance
+    assert (short[:, :36] - dense[:, :36]).abs().max().item() < 1e-4
+    assert (short[:, 36:] - dense[:, 36:60]).abs().max().item() > 1e-3
+    pure = create_method("infllm", n_init=4, n_local=16, block_size=8, topk=2, switch_length=0)
+    assert (logits(pure, 30, 60)[:, :36] - dense[:, :36]).abs().max().item() > 1e-3
+    assert torch.equal(logits(method.for_context(60), 60, 70), logits(pure, 60, 70))
+    assert torch.equal(logits(method, 60, 70), logits(pure, 60, 70))  # a cache not sized for a prompt
+    # the engine sizes the method for each prompt and reports what ran
+    prompt = ids[0, :30].tolist()
+    out = blockmem.Engine(model, method=method).generate(prompt_ids=prompt, max_new_tokens=6, ignore_eos=True)
+    assert out.method["switch_length"] == 37
+    assert out.token_ids == blockmem.Engine(model).generate(prompt_ids=prompt, max_new_tokens=6, ignore_eos=True).token_ids
+
+
 def test_switch_length_is_validated() -> None:
-    assert create_method("infllm").switch_length == 0 and create_method("quest").switch_length == 0
+    assert create_method("infllm").switch_length is None and create_method("quest").switch_length == 0
     assert create_method("blocksparse").switch_length == 4096 and create_method("nosa").switch_length == 4096
     with pytest.raises(ConfigError, match="switch-length must not be negative"):
         create_method("infllm", switch_length=-1)
@@ -133,7 +166,7 @@ def test_top_blocks_picks_best_sorted_and_breaks_ties_low() -> None:
 
 def _layer(name: str, **options) -> tuple[SparseLayer, Rotary, LayerSpec]:
     spec = LayerSpec(0, num_heads=4, num_kv_heads=2, head_dim=8, scale=8 ** -0.5, window=None)
-    method = create_method(name, **options)
+    method = create_method(name, **options).for_context(None)  # layers get a method sized for its sequence
     tiers = Tiers((2, 2, method.block_size, 8), torch.device("cpu"), torch.float32) if method.keeps_blocks else None
     return (SparseLayer(method, spec, Telemetry(1), tiers, torch.device("cpu"), torch.float32),
             Rotary(RopeConfig(10000.0), 8), spec)

@@ -103,6 +103,12 @@ class AttentionMethod(ABC):
         (None: bounded only by memory)."""
         return model_limit
 
+    def for_context(self, tokens: int | None) -> AttentionMethod:
+        """The method as it serves a new sequence that starts with a `tokens`-token prompt (None:
+        length unknown, e.g. a memory that will be extended): itself, unless a setting is decided
+        by the prompt's length."""
+        return self
+
     def describe(self) -> dict[str, Any]:
         """The method's name and settings, for reports and `--json`."""
         return {"method": self.name}

@@ -21,15 +21,15 @@ class InfLLMMethod(SparseMethod):
     them, which is linear, so the store keeps their mean. One selection serves all heads of a
     layer (`per_head`: one per KV head). With `position=infllm` (default) every selected token
     sits n_local positions before the query; the sinks and window keep their local positions.
-    `switch_length` (default 0, as InfLLM) reads every block at its true position below that many
-    tokens; set to the budget it makes a context the budget covers read exactly as `dense`, but
-    it lost SmolLM2 passkeys whose needle lay in that dense-read prefix (docs/passkey.md)."""
+    By default (`switch_length=None`) a prompt the budget covers is read exactly as `dense` (see
+    `SparseMethod.for_context`); `switch_length=0` is InfLLM as published."""
 
     name: ClassVar[str] = "infllm"
     needs_scores: ClassVar[bool] = True
     position: Position | str = Position.INFLLM
     repr_keys: int = 4
     per_head: bool = False
+    switch_length: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -9,7 +9,7 @@ each with the query rotated for that part, merged exactly by log-sum-exp:
     the piece itself       true positions, causal (the window's tail)
 Until the first token leaves the window everything is read like `dense`, and so is every block,
 at its true position, while the sequence is shorter than the method's `switch_length` (InfLLM-V2's
-dense-sparse switch). After attending, the window's oldest whole blocks beyond n_local move to the
+dense-sparse switch; `None` decides it per prompt, see `for_context`). After attending, the window's oldest whole blocks beyond n_local move to the
 block store with the method's summary.
 A method subclasses `SparseMethod` and implements `summarize` and `select`.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 from abc import abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -54,7 +54,7 @@ class SparseMethod(AttentionMethod):
     topk: int = 16
     position: Position | str = Position.TRUE
     exec_size: int = 512  # queries that share one selection (InfLLM's execution block)
-    switch_length: int = 0  # every block read at its true position (dense) below this many tokens
+    switch_length: int | None = 0  # every block read at its true position below this many tokens
     keeps_blocks: ClassVar[bool] = True  # False: evicted tokens are dropped (StreamingLLM)
     needs_scores: ClassVar[bool] = False  # True: track the attention mass window tokens receive
 
@@ -68,7 +68,7 @@ class SparseMethod(AttentionMethod):
                 raise ConfigError(f"{self.name}: {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.n_init < 0 or self.topk < 0:
             raise ConfigError(f"{self.name}: n-init and topk must not be negative")
-        if self.switch_length < 0:
+        if self.switch_length is not None and self.switch_length < 0:
             raise ConfigError(f"{self.name}: switch-length must not be negative, got {self.switch_length}")
         if self.switch_length and not self.keeps_blocks:
             raise ConfigError(f"{self.name}: switch-length needs a method that keeps old blocks; {self.name} drops them",
@@ -76,6 +76,18 @@ class SparseMethod(AttentionMethod):
 
     def context_limit(self, model_limit: int) -> int | None:
         return None  # bounded by memory, not by the model's window
+
+    def for_context(self, tokens: int | None) -> SparseMethod:
+        """`switch_length=None`: a prompt the budget covers is read exactly as dense while the
+        sequence fits the budget (a query would read every block anyway); a longer one is read by
+        the position policy from its first evicted block. Deciding once per prompt, not per step,
+        keeps a long prompt in one regime: switching to the fixed distance part-way through lost
+        passkeys whose needle lay in the dense-read part (docs/passkey.md). A sequence of unknown
+        length (a saved memory, which can be extended) gets 0."""
+        if self.switch_length is not None:
+            return self
+        covered = tokens is not None and tokens <= self.budget()
+        return replace(self, switch_length=self.budget() + 1 if covered else 0)
 
     def budget(self) -> int:
         """The effective budget: sinks + window + k blocks, in tokens."""
@@ -93,6 +105,8 @@ class SparseMethod(AttentionMethod):
 
     def new_cache(self, specs: list[LayerSpec], device: torch.device, dtype: torch.dtype,
                   tiers: TierConfig | None = None, base: BaseBlocks | None = None) -> KVCache:
+        if self.switch_length is None:  # not sized for a prompt (a bare cache)
+            return self.for_context(None).new_cache(specs, device, dtype, tiers, base)
         telemetry = Telemetry(len(specs))
         shared = None
         if self.keeps_blocks:

@@ -154,7 +154,7 @@ class Engine:
         chunk through the method's memory: [len(ids) - 1] float32 (perplexity by position)."""
         self._check_length(len(ids))
         decoder = self.model.decoder
-        cache = self.new_cache()
+        cache = self.new_cache(self.method.for_context(len(ids)))
         losses = []
         try:
             for start in range(0, len(ids), self.prefill_chunk):
@@ -167,9 +167,9 @@ class Engine:
             cache.close()
         return torch.cat(losses)
 
-    def new_cache(self) -> KVCache:
+    def new_cache(self, method: AttentionMethod | None = None) -> KVCache:
         decoder = self.model.decoder
-        return self.method.new_cache(decoder.layer_specs(), decoder.device, decoder.dtype, self.tiers)
+        return (method or self.method).new_cache(decoder.layer_specs(), decoder.device, decoder.dtype, self.tiers)
 
     def _run(self, ids: list[int], params: SamplingParams, on_prefill: ProgressFn | None,
              cache: KVCache | None = None) -> Generator[str, None, Completion]:
@@ -181,7 +181,8 @@ class Engine:
         stats = Stats(prompt_tokens=len(ids), memory_tokens=start_length)
         sampler, detokenizer, stops = Sampler(params), StreamDecoder(self.model.tokenizer), StopMatcher(params.stop)
         eos = frozenset() if params.ignore_eos else self.model.tokenizer.eos_ids
-        cache = cache if cache is not None else self.new_cache()
+        method = self.method if cache is not None else self.method.for_context(len(ids))
+        cache = cache if cache is not None else self.new_cache(method)
         try:
             started = time.perf_counter()
             logits = self.prefill(ids, cache, on_prefill)
@@ -223,9 +224,9 @@ class Engine:
                 if stats.decode_steps:
                     moved = cache.tiers.bytes_moved() - moved_at_prefill
                     stats.bytes_moved_per_token = round(moved / stats.decode_steps)
-            method = self.method.describe()
+            described = method.describe()
             if cache.telemetry is not None:
-                method["telemetry"] = cache.telemetry.summary()
-            return Completion("".join(pieces), generated, finish, stats, method)
+                described["telemetry"] = cache.telemetry.summary()
+            return Completion("".join(pieces), generated, finish, stats, described)
         finally:
             cache.close()

@@ -65,7 +65,8 @@ class SavedMemory:
         header = file.header
         self.header = header
         stored = header["method"]
-        self.method = create_method(stored["name"], **stored["options"])
+        # a header from before a setting existed gets what it was built with: for_context(None)
+        self.method = create_method(stored["name"], **stored["options"]).for_context(None)
         storage = persist.DTYPES[header["storage_dtype"]]
         self.tiers = replace(tiers or TierConfig(), storage_dtype=storage)
         self.engine = Engine(model, self.method, prefill_chunk=header["prefill_chunk"], tiers=self.tiers)
@@ -140,7 +141,7 @@ class SavedMemory:
         only once the new one is complete)."""
         if not documents:
             raise ConfigError("no documents to build a memory from")
-        method = create_method(method) if isinstance(method, str) else method
+        method = (create_method(method) if isinstance(method, str) else method).for_context(None)
         engine = Engine(model, method, prefill_chunk=prefill_chunk, tiers=tiers)
         prefill_chunk = engine.prefill_chunk
         tokenizer = model.tokenizer
