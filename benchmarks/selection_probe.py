@@ -28,7 +28,8 @@ import torch
 
 import blockmem
 from blockmem.attention import create_method
-from blockmem.attention.sparse import SparseLayer
+from blockmem.attention.blocksparse import pooled_block_scores
+from blockmem.attention.sparse import SparseLayer, grouped_queries
 from blockmem.eval.passkey import NEEDLE, make_trial, parse_length
 from blockmem.eval.systems import parse_method
 
@@ -61,18 +62,17 @@ def ranks(q: torch.Tensor, keys: torch.Tensor, repr_keys: torch.Tensor | None, b
     """q: [1, Hq, T, D]; keys: [Hkv, n * block, D] as stored; repr_keys: [n, Hkv, D] or None."""
     heads, _, dim = keys.shape
     n = keys.shape[1] // block
-    rows = q[0].reshape(heads, -1, dim)  # [Hkv, G*T, D]
-    by_block = keys.reshape(heads, n, block, dim)
-    pooled = by_block.unfold(2, min(32, block), max(1, min(32, block) // 2)).mean(-1)  # [Hkv, n, sub, D]
+    rows = grouped_queries(q, heads)  # [Hkv, G*T, D]
+    kernel = min(32, block)
+    pooler = create_method("blocksparse", block_size=block, pool_kernel=kernel, pool_stride=max(1, kernel // 2))
+    pooled = torch.stack([pooler.summarize(b, b, b)["pooled"] for b in keys.reshape(heads, n, block, dim).unbind(1)])
 
     def pooled_score(r: torch.Tensor) -> torch.Tensor:
-        logits = torch.einsum("hqd,hnsd->hqns", r, pooled) * scale
-        probs = torch.softmax(logits.flatten(2), -1).reshape(logits.shape)
-        return probs.amax(-1).sum((0, 1))
+        return pooled_block_scores(r, pooled, scale).sum(0)
 
     exact = torch.einsum("hqd,hkd->hqk", rows, keys).reshape(heads, rows.shape[1], n, block) * scale
     scores = {"pooled": pooled_score(rows), "exact": torch.softmax(torch.logsumexp(exact, -1), -1).sum((0, 1)),
-              "last1": pooled_score(q[0][:, -1:].reshape(heads, -1, dim))}
+              "last1": pooled_score(grouped_queries(q[:, :, -1:], heads))}
     if repr_keys is not None:
         scores["repr"] = torch.einsum("hd,nhd->n", rows.sum(1), repr_keys)
 

@@ -48,15 +48,20 @@ class BlockSparseMethod(SparseMethod):
     def block_scores(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec) -> torch.Tensor:
         """[Hkv, blocks]: summed per-query probability of each block's best sub-block."""
         pooled = store.summary("pooled")  # [blocks, Hkv, sub, D]
-        blocks, heads, sub, dim = pooled.shape
-        keys = pooled.permute(1, 0, 2, 3).reshape(heads, blocks * sub, dim)
-        rows = grouped_queries(q, heads).float()  # [Hkv, G*T, D]
-        total = torch.zeros(heads, blocks, device=q.device)
-        for first in range(0, rows.shape[1], _ROWS):
-            logits = torch.bmm(rows[:, first:first + _ROWS], keys.transpose(1, 2)) * spec.scale
-            probs = torch.softmax(logits, dim=-1).reshape(heads, -1, blocks, sub)
-            total += probs.amax(dim=-1).sum(dim=1)
-        return total
+        return pooled_block_scores(grouped_queries(q, pooled.shape[1]).float(), pooled, spec.scale)
 
     def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
         return top_blocks(self.block_scores(q, store, spec), self.topk)
+
+
+def pooled_block_scores(rows: torch.Tensor, pooled: torch.Tensor, scale: float) -> torch.Tensor:
+    """rows [Hkv, R, D], pooled [blocks, Hkv, sub, D] -> [Hkv, blocks]: per row, softmax over every
+    sub-block, max-pooled to its block, summed over the rows (in chunks of _ROWS)."""
+    blocks, heads, sub, dim = pooled.shape
+    keys = pooled.permute(1, 0, 2, 3).reshape(heads, blocks * sub, dim)
+    total = torch.zeros(heads, blocks, device=rows.device)
+    for first in range(0, rows.shape[1], _ROWS):
+        logits = torch.bmm(rows[:, first:first + _ROWS], keys.transpose(1, 2)) * scale
+        probs = torch.softmax(logits, dim=-1).reshape(heads, -1, blocks, sub)
+        total += probs.amax(dim=-1).sum(dim=1)
+    return total

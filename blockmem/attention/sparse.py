@@ -9,8 +9,8 @@ each with the query rotated for that part, merged exactly by log-sum-exp:
     the piece itself       true positions, causal (the window's tail)
 Until the first token leaves the window everything is read like `dense`, and so is every block,
 at its true position, while the sequence is shorter than the method's `switch_length` (InfLLM-V2's
-dense-sparse switch; `None` decides it per prompt, see `for_context`). After attending, the window's oldest whole blocks beyond n_local move to the
-block store with the method's summary.
+dense-sparse switch; `None` decides it per prompt, see `for_context`). After attending, the
+window's oldest whole blocks beyond n_local move to the block store with the method's summary.
 A method subclasses `SparseMethod` and implements `summarize` and `select`.
 """
 
