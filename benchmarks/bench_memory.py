@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from passkey import trial_numbers  # benchmarks/ is on the path when this file runs
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -249,7 +251,22 @@ def cmd_decode(args: argparse.Namespace) -> None:
 def cmd_passkey(args: argparse.Namespace) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
+    def answered(index: int) -> bool | None:
+        """Trial `index`'s recorded answer in --out (this length, method and budget), if any: reruns resume."""
+        if not args.out or not Path(args.out).exists():
+            return None
+        for line in Path(args.out).read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if (record.get("bench"), record.get("step"), record.get("length"), record.get("method"),
+                    record.get("ram_budget"), record.get("trial")) == ("passkey", "ask", args.length, args.method,
+                                                                       args.ram_budget, index):
+                return bool(record["correct"])
+        return None
+
     def trial(index: int) -> bool:
+        if (known := answered(index)) is not None:
+            print(f"trial {index}: recorded in {args.out}, not rerun", flush=True)
+            return known
         path = args.workdir / f"passkey-{index}.bmem"
         step(args, "build", args.length, path, trial=index, ram_budget=args.ram_budget)
         ask = step(args, "ask", args.length, path, trial=index, ram_budget=args.ram_budget)
@@ -257,9 +274,10 @@ def cmd_passkey(args: argparse.Namespace) -> None:
         return bool(ask["correct"])
 
     with ThreadPoolExecutor(args.jobs) as pool:  # accuracy only: trials may share the machine
-        right = sum(pool.map(trial, range(args.trials)))
+        indices = args.indices or list(range(args.trials))
+        right = sum(pool.map(trial, indices))
     print(f"\npasskey from saved {args.length} memories reopened in a new process ({args.method}): "
-          f"{right}/{args.trials}")
+          f"{right}/{len(indices)}")
 
 
 def cmd_dtype(args: argparse.Namespace) -> None:
@@ -323,6 +341,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="ttft: questions asked; decode: repetitions per variant")
     parser.add_argument("--full-reps", type=int, default=1, help="ttft: full prefills (each a whole prefill)")
     parser.add_argument("--trials", type=int, default=10, help="passkey/dtype: trials (passkey: one memory each)")
+    parser.add_argument("--indices", type=trial_numbers, default=None,
+                        help="passkey: run only these trial numbers, e.g. 10,11,12 (instead of 0..trials-1)")
     parser.add_argument("--jobs", type=int, default=1, help="passkey: trials run side by side (accuracy only)")
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per question")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
