@@ -131,6 +131,28 @@ def test_prompt_shorter_than_a_block(tiny) -> None:
         assert (run(model, method, ids, 5) - run(model, "dense", ids, 5)).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("name", ["infllm", "blocksparse", "quest"])
+def test_last_alone_reads_a_chunks_last_query_as_a_decode_step(tiny, name: str) -> None:
+    """With last_alone a chunk's last query selects on its own: a 101-token prefill in one chunk
+    gives what 100 tokens then one decode step give, where selection is under way (top-2 of ~9
+    blocks), and without it the pieces differ from a decode step's."""
+    model = blockmem.load(tiny.get("llama")[0], device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 101), generator=torch.Generator().manual_seed(8))
+    options = dict(SMALL, topk=2, exec_size=32, switch_length=0)
+    stepwise = run(model, create_method(name, **options), ids, chunk=100, decode=1)
+    alone = run(model, create_method(name, last_alone=True, **options), ids, chunk=101)
+    plain = run(model, create_method(name, **options), ids, chunk=101)
+    assert (plain - stepwise).abs().max().item() > 1e-2  # the option is what makes them equal
+    assert (alone - stepwise).abs().max().item() < 1e-5
+    engine = blockmem.Engine(model, method=create_method(name, last_alone=True, **options))
+    cache = engine.new_cache()
+    cache.telemetry.steps = []
+    with torch.inference_mode():
+        model.decoder(ids, cache, Logits.LAST)
+    pieces = [step["queries"] for step in cache.telemetry.steps if step["layer"] == 0]
+    assert pieces == [32, 32, 32, 4, 1]
+
+
 @pytest.mark.parametrize("name", SPARSE)
 def test_selection_is_deterministic_and_bounded(tiny, name: str) -> None:
     model = blockmem.load(tiny.get("llama")[0], device="cpu")

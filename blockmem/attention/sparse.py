@@ -54,6 +54,7 @@ class SparseMethod(AttentionMethod):
     topk: int = 16
     position: Position | str = Position.TRUE
     exec_size: int = 512  # queries that share one selection (InfLLM's execution block)
+    last_alone: bool = False  # a chunk's last query selects on its own, as a decode step does
     switch_length: int | None = 0  # every block read at its true position below this many tokens
     keeps_blocks: ClassVar[bool] = True  # False: evicted tokens are dropped (StreamingLLM)
     needs_scores: ClassVar[bool] = False  # True: track the attention mass window tokens receive
@@ -224,13 +225,16 @@ class SparseLayer(LayerCache):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary, start: int) -> torch.Tensor:
         if q.shape[0] != 1:
             raise ConfigError(f"the {self.method.name} method serves one sequence at a time (batch size 1)")
-        size = self.method.exec_size
-        if q.shape[2] <= size:
+        count = q.shape[2]
+        bounds = [*range(0, count, self.method.exec_size), count]
+        if self.method.last_alone and count > 1 and bounds[-2] != count - 1:
+            bounds.insert(-1, count - 1)  # the row that writes the next token is not outvoted by its piece
+        if len(bounds) == 2:
             return self._attend_piece(q, k, v, rotary, start)
         # Long chunks go in pieces: each piece selects its own blocks, as queries far apart want
         # different memory (a question at the end of a chunk of filler, say).
-        return torch.cat([self._attend_piece(q[:, :, i:i + size], k[:, :, i:i + size], v[:, :, i:i + size], rotary,
-                                             start + i) for i in range(0, q.shape[2], size)], dim=2)
+        return torch.cat([self._attend_piece(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], rotary, start + a)
+                          for a, b in zip(bounds, bounds[1:])], dim=2)
 
     def _attend_piece(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary, start: int) -> torch.Tensor:
         memory, scale, length = self.memory, self.spec.scale, q.shape[2]
