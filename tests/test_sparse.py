@@ -151,6 +151,7 @@ def test_last_alone_reads_a_chunks_last_query_as_a_decode_step(tiny, name: str) 
         model.decoder(ids, cache, Logits.LAST)
     pieces = [step["queries"] for step in cache.telemetry.steps if step["layer"] == 0]
     assert pieces == [32, 32, 32, 4, 1]
+    assert "decode" not in cache.telemetry.summary()  # a chunk's one-query piece is still prefill
 
 
 @pytest.mark.parametrize("name", SPARSE)

@@ -217,6 +217,7 @@ class SparseLayer(LayerCache):
         self.memory = LayerMemory(spec.num_kv_heads, spec.head_dim, method.n_init, method.n_local, method.block_size,
                                   store, device, dtype)
         self._working: WorkingSet | None = None
+        self._in_chunk = False  # the step being attended is one piece of a longer chunk (prefill)
 
     def settle(self) -> None:
         """Drop the working set (a cache of selected blocks); the next step gathers afresh."""
@@ -229,6 +230,7 @@ class SparseLayer(LayerCache):
         bounds = [*range(0, count, self.method.exec_size), count]
         if self.method.last_alone and count > 1 and bounds[-2] != count - 1:
             bounds.insert(-1, count - 1)  # the row that writes the next token is not outvoted by its piece
+        self._in_chunk = count > 1
         if len(bounds) == 2:
             return self._attend_piece(q, k, v, rotary, start)
         # Long chunks go in pieces: each piece selects its own blocks, as queries far apart want
@@ -243,7 +245,7 @@ class SparseLayer(LayerCache):
         if memory.contiguous:
             keys, values = memory.local()
             out, lse = self._with_window([], q_true, keys, values, length, scale)
-            self.telemetry.record(self.spec.index, length, start + length, None)
+            self.telemetry.record(self.spec.index, length, start + length, None, self._in_chunk)
         else:
             out, lse = self._attend_memory(q, q_true, rotary, start, length, scale)
         if self.method.needs_scores:
@@ -283,7 +285,7 @@ class SparseLayer(LayerCache):
                                     position)
         window_keys, window_values = memory.window.span()
         self.telemetry.record(self.spec.index, length, far_keys.shape[2] + window_keys.shape[2],
-                              None if selected is None else selected.tolist())
+                              None if selected is None else selected.tolist(), self._in_chunk)
         return self._with_window([(q_far, far_keys, far_values)], q_true, window_keys, window_values, length, scale)
 
     def _attend_in_place(self, q_far: torch.Tensor, q_true: torch.Tensor, length: int,
@@ -323,7 +325,7 @@ class SparseLayer(LayerCache):
         out, lse = store.read_in_place(needed, attend)
         self._working = None  # a decode step here needs no copies: drop any left from prefill
         self.telemetry.record(self.spec.index, 1, memory.init_length + len(selected[0]) * store.block_size
-                              + window_keys.shape[2], selected)
+                              + window_keys.shape[2], selected, self._in_chunk)
         return out.reshape(q_true.shape), lse.reshape(q_true.shape[:-1])
 
     def _position(self, length: int) -> Position:

@@ -40,12 +40,13 @@ class Telemetry:
         self.layers = [_Layer() for _ in range(layers)]
         self.steps: list[dict[str, Any]] | None = [] if keep_steps else None
 
-    def record(self, layer: int, queries: int, tokens_attended: int, selected: list[list[int]] | None) -> None:
+    def record(self, layer: int, queries: int, tokens_attended: int, selected: list[list[int]] | None,
+               prefill: bool = False) -> None:
         """`selected`: the block ids read per KV head, [Hkv][k] (None when no blocks exist yet).
         Plain lists: a decode step records every layer, and set arithmetic on a few ids costs less
-        than tensor ops."""
+        than tensor ops. A step of one query is a decode step unless `prefill` (a piece of a chunk)."""
         state = self.layers[layer]
-        phase = state.decode if queries == 1 else state.prefill
+        phase = state.decode if queries == 1 and not prefill else state.prefill
         phase.steps += 1
         phase.tokens += tokens_attended
         if selected and selected[0]:
