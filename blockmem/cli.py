@@ -51,6 +51,9 @@ NInit = Annotated[int | None, typer.Option(help=f"{_METHOD_HELP} First tokens al
 NLocal = Annotated[int | None, typer.Option(help=f"{_METHOD_HELP} Recent tokens always read (local window).")]
 ExecSize = Annotated[int | None, typer.Option(help=f"{_METHOD_HELP} Queries that share one block selection "
                                              "(smaller: better retrieval from prose, slower prefill).")]
+LastAlone = Annotated[bool | None, typer.Option("--last-alone/--last-in-piece", help=f"{_METHOD_HELP} A prefill "
+                                               "chunk's last query selects its own blocks, as a decode step does, "
+                                               "instead of sharing its piece's selection.", show_default=False)]
 PositionOpt = Annotated[str | None, typer.Option("--position", help=f"{_METHOD_HELP} Position policy: true, infllm "
                                                  "(memory at a fixed distance) or compacted.")]
 ReprKeys = Annotated[int | None, typer.Option(help="infllm: representative keys per block.")]
@@ -175,7 +178,7 @@ def run(
     method: Method = None, block_size: BlockSize = None, topk: TopK_ = None, n_init: NInit = None,
     n_local: NLocal = None, position: PositionOpt = None, repr_keys: ReprKeys = None, per_head: PerHead = None,
     switch_length: Switch = None, pool_kernel: PoolKernel = None, pool_stride: PoolStride = None,
-    agnostic_fraction: Agnostic = None, importance: Importance = None, exec_size: ExecSize = None,
+    agnostic_fraction: Agnostic = None, importance: Importance = None, exec_size: ExecSize = None, last_alone: LastAlone = None,
     chunk_size: Chunk = None, ram_budget: RamBudget = None, device_budget: DeviceBudget = None,
     spill_dir: SpillDir = None, storage_dtype: StorageDtype = None, keep_important: KeepImportant = False,
     threads: Threads = None, dtype: Dtype = "float32", device: Device = "auto",
@@ -193,7 +196,7 @@ def run(
     options = dict(block_size=block_size, topk=topk, n_init=n_init, n_local=n_local, position=position,
                    repr_keys=repr_keys, per_head=per_head, switch_length=switch_length, pool_kernel=pool_kernel,
                    pool_stride=pool_stride, agnostic_fraction=agnostic_fraction, importance=importance,
-                   exec_size=exec_size)
+                   exec_size=exec_size, last_alone=last_alone)
     tiers = _tier_config(ram_budget, device_budget, spill_dir, storage_dtype, keep_important)
     if memory is not None:
         if file:
@@ -357,7 +360,7 @@ def memory_build(
     block_size: BlockSize = None, topk: TopK_ = None, n_init: NInit = None, n_local: NLocal = None,
     position: PositionOpt = None, repr_keys: ReprKeys = None, per_head: PerHead = None, switch_length: Switch = None,
     pool_kernel: PoolKernel = None, pool_stride: PoolStride = None, agnostic_fraction: Agnostic = None,
-    importance: Importance = None, exec_size: ExecSize = None, chunk_size: Chunk = None,
+    importance: Importance = None, exec_size: ExecSize = None, last_alone: LastAlone = None, chunk_size: Chunk = None,
     ram_budget: RamBudget = None, spill_dir: SpillDir = None, storage_dtype: StorageDtype = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: questions continue the text as "
                                       "'Question: ... Answer:'.")] = False,
@@ -379,7 +382,7 @@ def memory_build(
     options = dict(block_size=block_size, topk=topk, n_init=n_init, n_local=n_local, position=position,
                    repr_keys=repr_keys, per_head=per_head, switch_length=switch_length, pool_kernel=pool_kernel,
                    pool_stride=pool_stride, agnostic_fraction=agnostic_fraction, importance=importance,
-                   exec_size=exec_size)
+                   exec_size=exec_size, last_alone=last_alone)
     chosen = create_method(method, **{k: v for k, v in options.items() if v is not None})
     tiers = _tier_config(ram_budget, None, spill_dir, storage_dtype, False)
     loaded = _load(model, dtype, device, threads)
