@@ -30,11 +30,28 @@ import blockmem
 from blockmem.attention import create_method
 from blockmem.attention.blocksparse import pooled_block_scores
 from blockmem.attention.sparse import SparseLayer, grouped_queries
-from blockmem.eval.passkey import NEEDLE, make_trial, parse_length
+from blockmem.engine.generate import SamplingParams, Stream
+from blockmem.eval.passkey import NEEDLE, QUESTION, make_trial, parse_length
 from blockmem.eval.systems import parse_method
 
 
-def capture(model: blockmem.Model, method: Any, prompt: str, decode_steps: int) -> tuple[str, dict[int, Any]]:
+def answer(model: blockmem.Model, method: Any, prompt: str, new_tokens: int, split: bool) -> str:
+    """The prompt answered in one prefill, or (`split`) as a saved memory answers it: the haystack
+    prefilled first on its own, then the question as a chunk of its own."""
+    if not split:
+        return blockmem.Engine(model, method=method).generate(prompt, raw=True, max_new_tokens=new_tokens).text
+    engine = blockmem.Engine(model, method=method.for_context(None))  # a saved memory's reading
+    cache = engine.new_cache()
+    with torch.inference_mode():
+        engine.prefill(model.tokenizer.encode(prompt[:-len(QUESTION)]), cache)
+    stream = Stream(engine._run(model.tokenizer.encode(QUESTION, special=False), SamplingParams(max_new_tokens=new_tokens),
+                                None, cache=cache))
+    with torch.inference_mode():
+        return "".join(stream)
+
+
+def capture(model: blockmem.Model, method: Any, prompt: str, decode_steps: int,
+            split: bool = False) -> tuple[str, dict[int, Any]]:
     """Generate; per sparse layer: (layer, store, [last prefill piece query, first decode queries])."""
     seen: dict[int, Any] = {}
     original = SparseLayer._select
@@ -51,10 +68,10 @@ def capture(model: blockmem.Model, method: Any, prompt: str, decode_steps: int) 
 
     SparseLayer._select = select  # type: ignore[method-assign]
     try:
-        out = blockmem.Engine(model, method=method).generate(prompt, raw=True, max_new_tokens=decode_steps + 1)
+        text = answer(model, method, prompt, decode_steps + 1, split)
     finally:
         SparseLayer._select = original  # type: ignore[method-assign]
-    return out.text, seen
+    return text, seen
 
 
 def ranks(q: torch.Tensor, keys: torch.Tensor, repr_keys: torch.Tensor | None, block: int, scale: float,
@@ -92,6 +109,8 @@ def main() -> None:
     parser.add_argument("--haystack", default="filler", choices=["filler", "prose"])
     parser.add_argument("--decode-steps", type=int, default=2, help="decode steps probed after the prompt")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--split", action="store_true", help="answer as a saved memory does: the haystack "
+                        "prefilled on its own, then the question as its own chunk")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = blockmem.load(args.model, device="cpu")
@@ -103,8 +122,9 @@ def main() -> None:
     first = len(model.tokenizer.encode(trial.prompt[:at]))
     last = len(model.tokenizer.encode(trial.prompt[:at + len(needle_text)]))
     needle = sorted({(t - method.n_init) // method.block_size for t in range(first, last)})
-    answer, seen = capture(model, method, trial.prompt, args.decode_steps)
-    print(f"{args.model} {args.method} {args.length} trial {args.trial}: key {trial.key}, answer {answer!r}, "
+    text, seen = capture(model, method, trial.prompt, args.decode_steps, args.split)
+    print(f"{args.model} {args.method} {args.length} trial {args.trial}{' (split)' if args.split else ''}: key "
+          f"{trial.key}, answer {text!r}, "
           f"needle tokens {first}-{last} in block(s) {needle}\n")
     print("| layer | step | queries | blocks | selected | " + " | ".join(["repr", "pooled", "exact", "last1"]) + " |")
     print("|---:|---|---:|---:|---|---:|---:|---:|---:|")
