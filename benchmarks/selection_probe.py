@@ -16,6 +16,9 @@ scores computed from the same stored keys and queries:
                what a perfect summary would rank; keys read as the method reads them
     last1      `pooled` from the piece's last query row alone
 
+With --split the trial is answered as a saved memory answers it: the haystack prefilled alone,
+then the question as a chunk of its own (docs/memory.md, 128K trial 10).
+
 A diagnostic, not a test: it wraps `SparseLayer._select` to see the queries.
 """
 
