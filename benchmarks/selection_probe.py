@@ -45,12 +45,10 @@ def answer(model: blockmem.Model, method: Any, prompt: str, new_tokens: int, spl
         return blockmem.Engine(model, method=method).generate(prompt, raw=True, max_new_tokens=new_tokens).text
     engine = blockmem.Engine(model, method=method.for_context(None))  # a saved memory's reading
     cache = engine.new_cache()
+    question = model.tokenizer.encode(QUESTION, special=False)  # as SavedMemory.question_ids(raw=True)
     with torch.inference_mode():
         engine.prefill(model.tokenizer.encode(prompt[:-len(QUESTION)]), cache)
-    stream = Stream(engine._run(model.tokenizer.encode(QUESTION, special=False), SamplingParams(max_new_tokens=new_tokens),
-                                None, cache=cache))
-    with torch.inference_mode():
-        return "".join(stream)
+        return "".join(Stream(engine._run(question, SamplingParams(max_new_tokens=new_tokens), None, cache=cache)))
 
 
 def capture(model: blockmem.Model, method: Any, prompt: str, decode_steps: int,
