@@ -83,6 +83,16 @@ KeepImportant = Annotated[bool, typer.Option("--keep-important", help=f"{_TIER_H
 System = Annotated[str | None, typer.Option(help="System prompt for chat models.")]
 
 
+METHOD_OPTIONS = ("block_size", "topk", "n_init", "n_local", "position", "repr_keys", "per_head", "switch_length",
+                  "pool_kernel", "pool_stride", "agnostic_fraction", "importance", "exec_size", "last_alone")
+
+
+def _method_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The method options a command was given, by name (a command's `locals()`); options left
+    unset keep the method's default. `run` and `memory build` share this list."""
+    return {name: values[name] for name in METHOD_OPTIONS if values[name] is not None}
+
+
 def _friendly(fn: F) -> F:
     """Turn user-fixable errors into one line on stderr and exit status 2."""
 
@@ -120,7 +130,7 @@ def _setup(model: str | None, dtype: str, device: str, threads: int | None, meth
     from blockmem.attention import create_method
     from blockmem.engine import Engine
 
-    chosen = create_method(method or "dense", **{k: v for k, v in (options or {}).items() if v is not None})
+    chosen = create_method(method or "dense", **(options or {}))
     return Engine(_load(model, dtype, device, threads), method=chosen, prefill_chunk=chunk, tiers=tiers)
 
 
@@ -193,10 +203,7 @@ def run(
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=tuple(stop or ()))
-    options = dict(block_size=block_size, topk=topk, n_init=n_init, n_local=n_local, position=position,
-                   repr_keys=repr_keys, per_head=per_head, switch_length=switch_length, pool_kernel=pool_kernel,
-                   pool_stride=pool_stride, agnostic_fraction=agnostic_fraction, importance=importance,
-                   exec_size=exec_size, last_alone=last_alone)
+    options = _method_options(locals())
     tiers = _tier_config(ram_budget, device_budget, spill_dir, storage_dtype, keep_important)
     if memory is not None:
         if file:
@@ -379,11 +386,8 @@ def memory_build(
     if output.suffix != ".bmem":
         raise ConfigError(f"name the memory NAME.bmem, not {output.name}")
     docs = documents_from_files(documents)
-    options = dict(block_size=block_size, topk=topk, n_init=n_init, n_local=n_local, position=position,
-                   repr_keys=repr_keys, per_head=per_head, switch_length=switch_length, pool_kernel=pool_kernel,
-                   pool_stride=pool_stride, agnostic_fraction=agnostic_fraction, importance=importance,
-                   exec_size=exec_size, last_alone=last_alone)
-    chosen = create_method(method, **{k: v for k, v in options.items() if v is not None})
+    options = _method_options(locals())
+    chosen = create_method(method, **options)
     tiers = _tier_config(ram_budget, None, spill_dir, storage_dtype, False)
     loaded = _load(model, dtype, device, threads)
     progress, update = _progress("reading")
