@@ -117,8 +117,9 @@ def test_infllm_reads_a_prompt_its_budget_covers_as_dense(tiny) -> None:
 def test_switch_length_is_validated() -> None:
     assert create_method("infllm").switch_length is None and create_method("quest").switch_length == 0
     assert create_method("blocksparse").switch_length == 4096 and create_method("nosa").switch_length == 4096
-    with pytest.raises(ConfigError, match="switch-length must not be negative"):
+    with pytest.raises(ConfigError, match="switch-length must not be negative") as refused:
         create_method("infllm", switch_length=-1)
+    assert "leave it out" in refused.value.fix
     with pytest.raises(ConfigError, match="streaming drops them"):
         create_method("streaming", switch_length=100)
 

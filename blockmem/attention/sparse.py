@@ -70,7 +70,8 @@ class SparseMethod(AttentionMethod):
         if self.n_init < 0 or self.topk < 0:
             raise ConfigError(f"{self.name}: n-init and topk must not be negative")
         if self.switch_length is not None and self.switch_length < 0:
-            raise ConfigError(f"{self.name}: switch-length must not be negative, got {self.switch_length}")
+            raise ConfigError(f"{self.name}: switch-length must not be negative, got {self.switch_length}",
+                              "use 0 to select blocks from the first evicted one, or leave it out for the default")
         if self.switch_length and not self.keeps_blocks:
             raise ConfigError(f"{self.name}: switch-length needs a method that keeps old blocks; {self.name} drops them",
                               "leave --switch-length out")
