@@ -218,7 +218,6 @@ class SparseLayer(LayerCache):
         self.memory = LayerMemory(spec.num_kv_heads, spec.head_dim, method.n_init, method.n_local, method.block_size,
                                   store, device, dtype)
         self._working: WorkingSet | None = None
-        self._in_chunk = False  # the step being attended is one piece of a longer chunk (prefill)
 
     def settle(self) -> None:
         """Drop the working set (a cache of selected blocks); the next step gathers afresh."""
@@ -231,24 +230,25 @@ class SparseLayer(LayerCache):
         bounds = [*range(0, count, self.method.exec_size), count]
         if self.method.last_alone and count > 1 and bounds[-2] != count - 1:
             bounds.insert(-1, count - 1)  # the row that writes the next token is not outvoted by its piece
-        self._in_chunk = count > 1
+        prefill = count > 1  # a one-query piece of a longer chunk (last_alone) is still prefill
         if len(bounds) == 2:
-            return self._attend_piece(q, k, v, rotary, start)
+            return self._attend_piece(q, k, v, rotary, start, prefill)
         # Long chunks go in pieces: each piece selects its own blocks, as queries far apart want
         # different memory (a question at the end of a chunk of filler, say).
-        return torch.cat([self._attend_piece(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], rotary, start + a)
+        return torch.cat([self._attend_piece(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], rotary, start + a, prefill)
                           for a, b in zip(bounds, bounds[1:])], dim=2)
 
-    def _attend_piece(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary, start: int) -> torch.Tensor:
+    def _attend_piece(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary, start: int,
+                      prefill: bool) -> torch.Tensor:
         memory, scale, length = self.memory, self.spec.scale, q.shape[2]
         q_true = rotary.rotate(q, start)
         memory.append(rotary.rotate(k, start), v)
         if memory.contiguous:
             keys, values = memory.local()
             out, lse = self._with_window([], q_true, keys, values, length, scale)
-            self.telemetry.record(self.spec.index, length, start + length, None, self._in_chunk)
+            self.telemetry.record(self.spec.index, length, start + length, None, prefill)
         else:
-            out, lse = self._attend_memory(q, q_true, rotary, start, length, scale)
+            out, lse = self._attend_memory(q, q_true, rotary, start, length, scale, prefill)
         if self.method.needs_scores:
             self._score_window(q_true, lse, start)
         self._evict(rotary)
@@ -269,14 +269,14 @@ class SparseLayer(LayerCache):
         return read if causal is None else merge([read, causal])
 
     def _attend_memory(self, q: torch.Tensor, q_true: torch.Tensor, rotary: Rotary, start: int, length: int,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       scale: float, prefill: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Sinks and selected blocks as one part (every policy reads them with the same query
         rotation), then the window before the piece and the piece itself."""
         memory = self.memory
         position = self._position(start + length)
         q_far = None if position is Position.COMPACTED else self._far_query(q, q_true, rotary, 0, position)
         if length == 1 and q_far is not None:
-            read = self._attend_in_place(q_far, q_true, start + length, scale)
+            read = self._attend_in_place(q_far, q_true, start + length, scale, prefill)
             if read is not None:
                 return read
         far_keys, far_values, selected = self._far(q if q_far is None else q_far, rotary, start + length, length,
@@ -286,11 +286,11 @@ class SparseLayer(LayerCache):
                                     position)
         window_keys, window_values = memory.window.span()
         self.telemetry.record(self.spec.index, length, far_keys.shape[2] + window_keys.shape[2],
-                              None if selected is None else selected.tolist(), self._in_chunk)
+                              None if selected is None else selected.tolist(), prefill)
         return self._with_window([(q_far, far_keys, far_values)], q_true, window_keys, window_values, length, scale)
 
-    def _attend_in_place(self, q_far: torch.Tensor, q_true: torch.Tensor, length: int,
-                         scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _attend_in_place(self, q_far: torch.Tensor, q_true: torch.Tensor, length: int, scale: float,
+                         prefill: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A decode step through the native kernel, which reads the selected blocks where the page
         pool holds them: no working set, nothing copied. The sinks, each selected block and the
         window are parts of one kernel call. None (before selecting anything) where the kernel
@@ -326,7 +326,7 @@ class SparseLayer(LayerCache):
         out, lse = store.read_in_place(needed, attend)
         self._working = None  # a decode step here needs no copies: drop any left from prefill
         self.telemetry.record(self.spec.index, 1, memory.init_length + len(selected[0]) * store.block_size
-                              + window_keys.shape[2], selected, self._in_chunk)
+                              + window_keys.shape[2], selected, prefill)
         return out.reshape(q_true.shape), lse.reshape(q_true.shape[:-1])
 
     def _position(self, length: int) -> Position:
