@@ -353,6 +353,29 @@ def test_summary_and_ratio_tables_hand_checked() -> None:
     assert [r["system"] for r in two] == ["m1/a", "m2/a"]  # two models never merge into one row
 
 
+def test_report_can_keep_the_first_samples_of_a_growing_file(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from blockmem.cli import app
+
+    # "a" has run samples 0-3, "b" only 0-1 so far: --samples 2 compares both on the same prompts
+    records = [{"task": "passkey", "system": "a", "length": 4096, "index": i, "score": s, "model": "m"}
+               for i, s in enumerate([1.0, 1.0, 0.0, 0.0])]
+    records += [{"task": "passkey", "system": "b", "length": 4096, "index": i, "score": 0.0, "model": "m"}
+                for i in range(2)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    runner = CliRunner()
+    done = runner.invoke(app, ["report", str(path), "--samples", "2", "--no-plots", "-o", str(tmp_path / "rep")])
+    assert done.exit_code == 0, done.output
+    assert "(2 samples per cell)" in done.stdout and "| passkey | 100.0 | 0.0 |" in done.stdout
+    assert "first 2 of each task" in (tmp_path / "rep" / "report.md").read_text()
+    everything = runner.invoke(app, ["report", str(path), "--no-plots", "-o", str(tmp_path / "all")])
+    assert "(2/4 samples per cell)" in everything.stdout and "| passkey | 50.0 | 0.0 |" in everything.stdout
+    refused = runner.invoke(app, ["report", str(path), "--samples", "0"])
+    assert refused.exit_code == 2 and "--samples must be at least 1" in refused.output
+
+
 def test_eval_then_report_end_to_end(long_tiny: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -213,26 +213,32 @@ def report_command(
     = Path("blockmem-report"),
     baseline: Annotated[str, typer.Option(help="bench: ratios against this system.")] = "llamacpp",
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Draw PNG plots (needs matplotlib).")] = True,
+    samples: Annotated[int | None, typer.Option(help="eval: report only samples 0..N-1 of each task and length, so "
+                                                "every system is scored on the same prompts while a file grows "
+                                                "(default: all).")] = None,
 ) -> None:
     """Markdown tables and PNG plots from eval and bench results files.
 
     Tables per task and length; plots: accuracy heatmap (length x depth), accuracy vs length,
     decode speed and peak memory vs length, perplexity by position."""
-    _friendly(_report)(results, out, baseline, plots)
+    _friendly(_report)(results, out, baseline, plots, samples)
 
 
-def _report(results: list[Path], out: Path, baseline: str, plots: bool) -> None:
+def _report(results: list[Path], out: Path, baseline: str, plots: bool, samples: int | None) -> None:
     from blockmem.cli import err
-    from blockmem.eval.report import write_report
+    from blockmem.eval.report import first_samples, write_report
     from blockmem.eval.runner import read_records
 
+    if samples is not None and samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {samples}", "leave it out to report every sample")
     records = []
     for path in results:
         if not path.is_file():
             raise ConfigError(f"results file not found: {path}", "pass files written by blockmem eval or bench")
         records += read_records(path)
-    if not records:
+    if not first_samples(records, samples):
         raise ConfigError("the results files hold no records", "run blockmem eval or blockmem bench first")
-    markdown, files = write_report(records, out, baseline, plots, sources=[str(p) for p in results])
+    markdown, files = write_report(records, out, baseline, plots, sources=[str(p) for p in results],
+                                   samples=samples)
     sys.stdout.write(markdown + "\n")
     err.print(f"wrote {', '.join(str(f) for f in files)}")

@@ -37,6 +37,15 @@ def bench_records(records: list[Record]) -> list[Record]:
     return [r for r in records if r.get("bench")]
 
 
+def first_samples(records: list[Record], samples: int | None) -> list[Record]:
+    """Eval records of samples 0..samples-1 only (bench records as they are): a results file grown
+    in steps (4, then 8, ... samples per task) is then reported on the same prompts for every
+    system, even while a later step is part-way through."""
+    if samples is None:
+        return records
+    return [r for r in records if "task" not in r or r.get("bench") or r["index"] < samples]
+
+
 def by_model(records: list[Record]) -> list[Record]:
     """Records of several models side by side: their systems become MODEL/SYSTEM."""
     if len({r.get("model") for r in records}) < 2:
@@ -204,9 +213,10 @@ def ratio_table(records: list[Record], baseline: str) -> str:
 
 
 def write_report(records: list[Record], out: Path, baseline: str, plots: bool,
-                 sources: list[str] | None = None) -> tuple[str, list[Path]]:
-    """report.md (and PNGs) in `out`; returns the markdown and the files written."""
-    records = by_model(records)
+                 sources: list[str] | None = None, samples: int | None = None) -> tuple[str, list[Path]]:
+    """report.md (and PNGs) in `out` from eval samples 0..samples-1 (default: all) and every bench
+    record; returns the markdown and the files written."""
+    records = by_model(first_samples(records, samples))
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     images: list[tuple[str, Path]] = []
@@ -218,6 +228,8 @@ def write_report(records: list[Record], out: Path, baseline: str, plots: bool,
     parts = ["# blockmem evaluation report", ""]
     if sources:
         parts += ["Results: " + ", ".join(f"`{s}`" for s in sources), ""]
+    if samples is not None:
+        parts += [f"Samples: the first {samples} of each task and length (`--samples {samples}`).", ""]
     models = _ordered(r.get("model") for r in records if r.get("model"))
     if models:
         parts += [f"Model: {', '.join(models)}", ""]
