@@ -3,18 +3,20 @@
     python benchmarks/selection_probe.py --model gemma3-270m --haystack prose --length 32k --trial 0 \\
         --method "infllm:exec_size=64"
 
-Runs one passkey trial with the method and records, for every layer that selects blocks, the query of
+Runs one passkey trial (or, with --task, one sample of a RULER needle task) with the method and records, for every layer that selects blocks, the query of
 the prompt's last execution piece (the one that writes the first answer token) and of the first
 decode steps. It then ranks the needle's block (0 = best) among all stored blocks by several
 scores computed from the same stored keys and queries:
 
-    selected   whether the method's own selection held the needle's block
+    selected   which of the needle's blocks the method's own selection held
     repr       InfLLM: the query sum against the block's mean representative key (infllm only)
     pooled     InfLLM-V2: per query row, softmax over sub-blocks (32 tokens every 16) max-pooled
                to blocks, summed over rows and heads
     exact      the attention mass the queries give each block (log-sum-exp over its keys), i.e.
                what a perfect summary would rank; keys read as the method reads them
     last1      `pooled` from the piece's last query row alone
+
+    python benchmarks/selection_probe.py --task niah_single_2 --length 8k --trial 1 --method infllm
 
 With --split the trial is answered as a saved memory answers it: the haystack prefilled alone,
 then the question as a chunk of its own (docs/memory.md, 128K trial 10).
@@ -25,6 +27,7 @@ A diagnostic, not a test: it wraps `SparseLayer._select` to see the queries.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,22 +39,63 @@ from blockmem.attention.sparse import SparseLayer, grouped_queries
 from blockmem.engine.generate import SamplingParams, Stream
 from blockmem.eval.passkey import NEEDLE, QUESTION, make_trial, parse_length
 from blockmem.eval.systems import parse_method
+from blockmem.eval.tasks import make_sample
+from blockmem.eval.tasks.ruler import NIAH
+from blockmem.model.tokenizer import Tokenizer
 
 
-def answer(model: blockmem.Model, method: Any, prompt: str, new_tokens: int, split: bool) -> str:
+@dataclass(frozen=True)
+class Target:
+    """One prompt to probe: as one piece (`whole`, what the benchmark feeds) and as (haystack,
+    question) for --split; `needles` are the token spans that hold the asked values."""
+
+    label: str
+    expected: str
+    whole: list[int]
+    haystack: list[int]
+    question: list[int]
+    needles: list[tuple[int, int]]
+
+
+def passkey_target(tokenizer: Tokenizer, length: int, trial: int, haystack: str) -> Target:
+    made = make_trial(tokenizer, length, trial, haystack=haystack)
+    needle_text = NEEDLE.format(key=made.key)
+    at = made.prompt.index(needle_text)
+    span = (len(tokenizer.encode(made.prompt[:at])), len(tokenizer.encode(made.prompt[:at + len(needle_text)])))
+    return Target(f"passkey trial {trial}", made.key, tokenizer.encode(made.prompt),
+                  # as SavedMemory.question_ids(raw=True)
+                  tokenizer.encode(made.prompt[:-len(QUESTION)]), tokenizer.encode(QUESTION, special=False), [span])
+
+
+def ruler_target(tokenizer: Tokenizer, task: str, length: int, index: int) -> Target:
+    """A RULER needle task's sample as the eval runner feeds it (context ids + question ids)."""
+    if task not in NIAH:
+        raise SystemExit(f"--task {task}: the probe needs a needle task, one of {', '.join(NIAH)}")
+    sample = make_sample(task, tokenizer, length, index)
+    context, question = sample.prompt_ids(tokenizer)
+    needles = []
+    for value in sample.references:
+        end = sample.context.index(value) + len(value)
+        start = sample.context.rfind("One of the special magic", 0, end)
+        needles.append((len(tokenizer.encode(sample.context[:start])), len(tokenizer.encode(sample.context[:end]))))
+    return Target(f"{task} #{index} (depth {sample.depth})", ", ".join(sample.references), context + question,
+                  context, question, needles)
+
+
+def answer(model: blockmem.Model, method: Any, target: Target, new_tokens: int, split: bool) -> str:
     """The prompt answered in one prefill, or (`split`) as a saved memory answers it: the haystack
     prefilled first on its own, then the question as a chunk of its own."""
     if not split:
-        return blockmem.Engine(model, method=method).generate(prompt, raw=True, max_new_tokens=new_tokens).text
+        return blockmem.Engine(model, method=method).generate(prompt_ids=target.whole, max_new_tokens=new_tokens).text
     engine = blockmem.Engine(model, method=method.for_context(None))  # a saved memory's reading
     cache = engine.new_cache()
-    question = model.tokenizer.encode(QUESTION, special=False)  # as SavedMemory.question_ids(raw=True)
     with torch.inference_mode():
-        engine.prefill(model.tokenizer.encode(prompt[:-len(QUESTION)]), cache)
-        return "".join(Stream(engine._run(question, SamplingParams(max_new_tokens=new_tokens), None, cache=cache)))
+        engine.prefill(target.haystack, cache)
+        return "".join(Stream(engine._run(target.question, SamplingParams(max_new_tokens=new_tokens), None,
+                                          cache=cache)))
 
 
-def capture(model: blockmem.Model, method: Any, prompt: str, decode_steps: int,
+def capture(model: blockmem.Model, method: Any, target: Target, decode_steps: int,
             split: bool = False) -> tuple[str, dict[int, Any]]:
     """Generate; per sparse layer: (layer, store, [last prefill piece query, first decode queries])."""
     seen: dict[int, Any] = {}
@@ -69,7 +113,7 @@ def capture(model: blockmem.Model, method: Any, prompt: str, decode_steps: int,
 
     SparseLayer._select = select  # type: ignore[method-assign]
     try:
-        text = answer(model, method, prompt, decode_steps + 1, split)
+        text = answer(model, method, target, decode_steps + 1, split)
     finally:
         SparseLayer._select = original  # type: ignore[method-assign]
     return text, seen
@@ -106,7 +150,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--method", default="infllm", help="method spec, e.g. 'blocksparse:exec_size=16,position=infllm'")
     parser.add_argument("--length", default="32k")
-    parser.add_argument("--trial", type=int, default=0)
+    parser.add_argument("--trial", type=int, default=0, help="passkey trial, or the task's sample index")
+    parser.add_argument("--task", help="probe a sample of this RULER needle task (e.g. niah_single_2) "
+                        "instead of a passkey trial")
     parser.add_argument("--haystack", default="filler", choices=["filler", "prose"])
     parser.add_argument("--decode-steps", type=int, default=2, help="decode steps probed after the prompt")
     parser.add_argument("--threads", type=int, default=2)
@@ -117,16 +163,15 @@ def main() -> None:
     model = blockmem.load(args.model, device="cpu")
     name, options = parse_method(args.method)
     method = create_method(name, **options)
-    trial = make_trial(model.tokenizer, parse_length(args.length), args.trial, haystack=args.haystack)
-    needle_text = NEEDLE.format(key=trial.key)
-    at = trial.prompt.index(needle_text)
-    first = len(model.tokenizer.encode(trial.prompt[:at]))
-    last = len(model.tokenizer.encode(trial.prompt[:at + len(needle_text)]))
-    needle = sorted({(t - method.n_init) // method.block_size for t in range(first, last)})
-    text, seen = capture(model, method, trial.prompt, args.decode_steps, args.split)
-    print(f"{args.model} {args.method} {args.length} trial {args.trial}{' (split)' if args.split else ''}: key "
-          f"{trial.key}, answer {text!r}, "
-          f"needle tokens {first}-{last} in block(s) {needle}\n")
+    length = parse_length(args.length)
+    target = ruler_target(model.tokenizer, args.task, length, args.trial) if args.task else \
+        passkey_target(model.tokenizer, length, args.trial, args.haystack)
+    needle = sorted({(t - method.n_init) // method.block_size for first, last in target.needles
+                     for t in range(first, last)})
+    text, seen = capture(model, method, target, args.decode_steps, args.split)
+    spans = ", ".join(f"{first}-{last}" for first, last in target.needles)
+    print(f"{args.model} {args.method} {args.length} {target.label}{' (split)' if args.split else ''}: expected "
+          f"{target.expected}, answer {text!r}, needle tokens {spans} in block(s) {needle}\n")
     print("| layer | step | queries | blocks | selected | " + " | ".join(["repr", "pooled", "exact", "last1"]) + " |")
     print("|---:|---|---:|---:|---|---:|---:|---:|---:|")
     for index, (layer, store, steps) in sorted(seen.items()):
@@ -138,7 +183,7 @@ def main() -> None:
             step = "prompt end" if number == 0 else f"decode {number}"
             cells = " | ".join(str(found.get(k, "–")) for k in ("repr", "pooled", "exact", "last1"))
             print(f"| {index} | {step} | {q.shape[2]} | {store.num_blocks} | "
-                  f"{'yes' if any(b in selected for b in needle) else 'no'} | {cells} |")
+                  f"{','.join(str(b) for b in needle if b in selected) or 'none'} | {cells} |")
 
 
 if __name__ == "__main__":
