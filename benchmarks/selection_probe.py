@@ -178,8 +178,10 @@ def main() -> None:
         ids = torch.arange(store.num_blocks)[None].expand(store.kv_heads, -1)
         keys = store.gather(ids)[0][0].float()
         reps = store.summary("repr").float() if "repr" in store.summaries else None
+        stored = [b for b in needle if b < store.num_blocks]  # a needle in the window has no block yet
         for number, (q, selected) in enumerate(steps):
-            found = ranks(q, keys, reps, method.block_size, layer.spec.scale, needle)
+            found = ranks(q, keys, reps, method.block_size, layer.spec.scale, stored) if stored else \
+                dict.fromkeys(("repr", "pooled", "exact", "last1"), "window")
             step = "prompt end" if number == 0 else f"decode {number}"
             cells = " | ".join(str(found.get(k, "–")) for k in ("repr", "pooled", "exact", "last1"))
             print(f"| {index} | {step} | {q.shape[2]} | {store.num_blocks} | "
