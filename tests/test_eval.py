@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -300,6 +303,34 @@ def test_runner_resumes_and_repairs_a_torn_record(long_tiny: Path, tmp_path: Pat
     seen.clear()
     run_eval(_plan(long_tiny, out, samples=3), on_record=seen.append)
     assert sorted({r["index"] for r in seen}) == [2] and len(seen) == 4
+
+
+def _state(pid: int) -> str:
+    """A process's state letter from /proc ('Z' zombie, '' gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_worker_stops_when_its_runner_is_killed() -> None:
+    # runner stand-in: starts a worker stand-in that watches it, then waits; the test kills it outright
+    worker = ("import time; from blockmem.eval.worker import exit_with_parent; exit_with_parent(0.05); "
+              "print('ready', flush=True); time.sleep(120)")
+    runner = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {worker!r}]); "
+              "print(p.pid, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    assert parent.stdout.readline().strip() == "ready"
+    assert _state(pid) not in ("", "Z")
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while _state(pid) not in ("", "Z") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _state(pid) in ("", "Z"), "the orphaned worker kept running"
 
 
 def test_one_writer_per_results_file(tmp_path: Path) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,20 @@ def build(job: dict[str, Any], spec: SystemSpec) -> tuple[Answerer, Any]:
         return LlamaCppAnswerer(path, tokenizer, job["length"] + 64, job["threads"], spec.method == "fa"), tokenizer
     return KvpressAnswerer(spec, path, tokenizer, job.get("kvpress_python"), job["threads"],
                            Path(job["log"]) if job.get("log") else None), tokenizer
+
+
+def exit_with_parent(interval: float = 2.0) -> None:
+    """Stop this process when the runner that started it is gone. A runner stopped by Ctrl-C kills
+    its worker itself, but one killed outright (SIGTERM, SIGKILL, a closed terminal) cannot, and
+    the worker would go on answering samples nobody will record, holding a core for minutes."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def run(job: dict[str, Any]) -> None:
@@ -88,6 +104,7 @@ def _perplexity(answerer: Answerer, tokenizer: Any, length: int, index: int, see
 def main() -> None:
     from blockmem.errors import BlockmemError
 
+    exit_with_parent()
     try:
         run(json.loads(sys.stdin.read()))
     except BlockmemError as exc:  # a problem the user can fix: one line for the runner to show
