@@ -3,10 +3,10 @@
     python benchmarks/selection_probe.py --model gemma3-270m --haystack prose --length 32k --trial 0 \\
         --method "infllm:exec_size=64"
 
-Runs one passkey trial (or, with --task, one sample of a RULER needle task) with the method and records, for every layer that selects blocks, the query of
-the prompt's last execution piece (the one that writes the first answer token) and of the first
-decode steps. It then ranks the needle's block (0 = best) among all stored blocks by several
-scores computed from the same stored keys and queries:
+Runs one passkey trial (or, with --task, one sample of a RULER needle task) with the method and
+records, for every layer that selects blocks, the query of the prompt's last execution piece (the
+one that writes the first answer token) and of the first decode steps. It then ranks the needle's block (0 = best; "4/20" for a needle split over two
+blocks) among all stored blocks by several scores computed from the same stored keys and queries:
 
     selected   which of the needle's blocks the method's own selection held
     repr       InfLLM: the query sum against the block's mean representative key (infllm only)
@@ -120,7 +120,7 @@ def capture(model: blockmem.Model, method: Any, target: Target, decode_steps: in
 
 
 def ranks(q: torch.Tensor, keys: torch.Tensor, repr_keys: torch.Tensor | None, block: int, scale: float,
-          needle: list[int]) -> dict[str, int]:
+          needle: list[int]) -> dict[str, str]:
     """q: [1, Hq, T, D]; keys: [Hkv, n * block, D] as stored; repr_keys: [n, Hkv, D] or None."""
     heads, _, dim = keys.shape
     n = keys.shape[1] // block
@@ -138,9 +138,9 @@ def ranks(q: torch.Tensor, keys: torch.Tensor, repr_keys: torch.Tensor | None, b
     if repr_keys is not None:
         scores["repr"] = torch.einsum("hd,nhd->n", rows.sum(1), repr_keys)
 
-    def rank(s: torch.Tensor) -> int:
+    def rank(s: torch.Tensor) -> str:  # one rank per needle block: "4/20" for a needle in blocks 15 and 16
         order = torch.argsort(-s, stable=True).tolist()
-        return min(order.index(b) for b in needle)
+        return "/".join(str(order.index(b)) for b in needle)
 
     return {name: rank(s) for name, s in scores.items()}
 
