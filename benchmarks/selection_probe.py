@@ -5,8 +5,9 @@
 
 Runs one passkey trial (or, with --task, one sample of a RULER needle task) with the method and
 records, for every layer that selects blocks, the query of the prompt's last execution piece (the
-one that writes the first answer token) and of the first decode steps. It then ranks the needle's block (0 = best; "4/20" for a needle split over two
-blocks) among all stored blocks by several scores computed from the same stored keys and queries:
+one that writes the first answer token) and of the first decode steps. It then ranks the needle's
+block (0 = best; "4/20" for a needle split over two blocks) among all stored blocks by several
+scores computed from the same stored keys and queries:
 
     selected   which of the needle's blocks the method's own selection held
     repr       InfLLM: the query sum against the block's mean representative key (infllm only)
