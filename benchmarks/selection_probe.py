@@ -149,7 +149,8 @@ def ranks(q: torch.Tensor, keys: torch.Tensor, repr_keys: torch.Tensor | None, b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--method", default="infllm", help="method spec, e.g. 'blocksparse:exec_size=16,position=infllm'")
+    parser.add_argument("--method", default="infllm",
+                        help="method spec, e.g. 'blocksparse:exec_size=16,position=infllm'")
     parser.add_argument("--length", default="32k")
     parser.add_argument("--trial", type=int, default=0, help="passkey trial, or the task's sample index")
     parser.add_argument("--task", help="probe a sample of this RULER needle task (e.g. niah_single_2) "
