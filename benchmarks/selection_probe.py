@@ -41,8 +41,11 @@ from blockmem.engine.generate import SamplingParams, Stream
 from blockmem.eval.passkey import NEEDLE, QUESTION, make_trial, parse_length
 from blockmem.eval.systems import parse_method
 from blockmem.eval.tasks import make_sample
-from blockmem.eval.tasks.ruler import NIAH
+from blockmem.eval.tasks.ruler import NEEDLE_START, NIAH
 from blockmem.model.tokenizer import Tokenizer
+
+
+SCORES = ("repr", "pooled", "exact", "last1")  # the table's rank columns, in order
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def ruler_target(tokenizer: Tokenizer, task: str, length: int, index: int) -> Ta
     needles = []
     for value in sample.references:
         end = sample.context.index(value) + len(value)
-        start = sample.context.rfind("One of the special magic", 0, end)
+        start = sample.context.rfind(NEEDLE_START, 0, end)
         needles.append((len(tokenizer.encode(sample.context[:start])), len(tokenizer.encode(sample.context[:end]))))
     return Target(f"{task} #{index} (depth {sample.depth})", ", ".join(sample.references), context + question,
                   context, question, needles)
@@ -174,7 +177,7 @@ def main() -> None:
     spans = ", ".join(f"{first}-{last}" for first, last in target.needles)
     print(f"{args.model} {args.method} {args.length} {target.label}{' (split)' if args.split else ''}: expected "
           f"{target.expected}, answer {text!r}, needle tokens {spans} in block(s) {needle}\n")
-    print("| layer | step | queries | blocks | selected | " + " | ".join(["repr", "pooled", "exact", "last1"]) + " |")
+    print("| layer | step | queries | blocks | selected | " + " | ".join(SCORES) + " |")
     print("|---:|---|---:|---:|---|---:|---:|---:|---:|")
     for index, (layer, store, steps) in sorted(seen.items()):
         ids = torch.arange(store.num_blocks)[None].expand(store.kv_heads, -1)
@@ -183,9 +186,9 @@ def main() -> None:
         stored = [b for b in needle if b < store.num_blocks]  # a needle in the window has no block yet
         for number, (q, selected) in enumerate(steps):
             found = ranks(q, keys, reps, method.block_size, layer.spec.scale, stored) if stored else \
-                dict.fromkeys(("repr", "pooled", "exact", "last1"), "window")
+                dict.fromkeys(SCORES, "window")
             step = "prompt end" if number == 0 else f"decode {number}"
-            cells = " | ".join(str(found.get(k, "–")) for k in ("repr", "pooled", "exact", "last1"))
+            cells = " | ".join(str(found.get(k, "–")) for k in SCORES)
             print(f"| {index} | {step} | {q.shape[2]} | {store.num_blocks} | "
                   f"{','.join(str(b) for b in needle if b in selected) or 'none'} | {cells} |")
 

@@ -71,8 +71,11 @@ def _value(rng: random.Random, kind: str) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4)) if kind == "uuids" else str(rng.randint(10**6, 10**7 - 1))
 
 
+NEEDLE_START = "One of the special magic"  # every needle sentence begins so (the selection probe finds them by it)
+
+
 def _needle(noun: str, key: str, value: str) -> str:
-    return f"One of the special magic {noun} for {key} is: {value}. "
+    return f"{NEEDLE_START} {noun} for {key} is: {value}. "
 
 
 def _noise(tokenizer: Tokenizer, budget: int) -> list[str]:
