@@ -141,7 +141,9 @@ def test_smollm2_int4_keeps_float32_greedy_choices(smollm2) -> None:
         choices.append(torch.cat([model.decoder(torch.tensor([[t]]), cache)[0, -1].argmax().view(1) for t in steps]))
     agree = (choices[0] == choices[1]).float().mean().item()
     assert agree >= 0.9, agree
-    assert "Paris" in blockmem.Engine(quantized).generate("What is the capital of France?", max_new_tokens=12).text
+    # the chat prompt is a near-tie for the first word ("The" 0.152, "L" 0.140 in float32): bf16 rounding
+    # may flip it, so the end-to-end check continues a plain sentence whose next word is clear
+    assert "Paris" in blockmem.Engine(quantized).generate("The capital of France is", raw=True, max_new_tokens=4).text
 
 
 def test_a_4_bit_grid_is_kept_whichever_levels_a_group_uses() -> None:

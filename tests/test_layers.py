@@ -29,12 +29,25 @@ def test_packed_linear_matches_plain(dtype, tol) -> None:
         packed.weight.copy_(plain.weight)
         packed.bias.copy_(plain.bias)
     plain, packed = plain.to(dtype), packed.to(dtype)
-    if not packed.pack():
-        pytest.skip("this torch build has no oneDNN linear")  # the plain path is then the only path
+    if not packed.pack():  # the plain path is then the only path
+        pytest.skip(f"oneDNN cannot pack a {dtype} linear on this torch build and CPU")
     assert packed.weight is None
     for shape in ((1, 96), (3, 7, 96), (1, 1, 96)):
         x = torch.randn(shape).to(dtype)
         assert (packed(x).float() - plain(x).float()).abs().max() < tol
+
+
+def test_a_weight_onednn_refuses_stays_plain(monkeypatch) -> None:
+    """oneDNN refuses bfloat16 weights on CPUs without AVX-512: the layer keeps F.linear."""
+    def refuse(weight: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq")
+
+    monkeypatch.setattr("blockmem.model.layers._onednn_pack", refuse)
+    layer = Linear(16, 8, bias=False)
+    layer.weight.data = torch.randn(8, 16).bfloat16()
+    assert layer.pack() is False and layer.packed is None and layer.weight is not None
+    x = torch.randn(3, 16).bfloat16()
+    assert torch.equal(layer(x), F.linear(x, layer.weight))
 
 
 def test_packed_embedding_matches_plain() -> None:

@@ -32,7 +32,10 @@ class Linear(nn.Module):
         """Switch to the prepacked oneDNN weight; returns False where that path is unavailable."""
         if self.weight is None or self.weight.device.type != "cpu" or not _onednn_linear_available():
             return self.packed is not None
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        try:
+            self.packed = _onednn_pack(self.weight.detach())
+        except RuntimeError:  # oneDNN refuses some dtypes on some CPUs (bfloat16 without AVX-512)
+            return False  # F.linear serves instead
         self.weight = None  # the packed copy replaces it
         return True
 
@@ -47,6 +50,10 @@ class Linear(nn.Module):
         else:
             return F.linear(x, self.weight, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
 def _onednn_linear_available() -> bool:
