@@ -59,6 +59,9 @@ PositionOpt = Annotated[str | None, typer.Option("--position", help=f"{_METHOD_H
 ReprKeys = Annotated[int | None, typer.Option(help="infllm: representative keys per block.")]
 PerHead = Annotated[bool | None, typer.Option("--per-head/--shared", help="infllm: one selection per KV head "
                                               "instead of one per layer.", show_default=False)]
+PooledFraction = Annotated[float | None, typer.Option(help="infllm: share of the blocks chosen by mean-pooled keys "
+                                                     "(InfLLM-V2's score, better on prose) instead of "
+                                                     "representative keys (better on repeated text). Default 0.")]
 Switch = Annotated[int | None, typer.Option(help="Block methods: read every block at its true position (dense) "
                                             "below this many tokens. Default: blocksparse/nosa 4096; infllm: dense "
                                             "for a prompt its budget covers, else 0 (InfLLM); others 0.")]
@@ -83,8 +86,9 @@ KeepImportant = Annotated[bool, typer.Option("--keep-important", help=f"{_TIER_H
 System = Annotated[str | None, typer.Option(help="System prompt for chat models.")]
 
 
-METHOD_OPTIONS = ("block_size", "topk", "n_init", "n_local", "position", "repr_keys", "per_head", "switch_length",
-                  "pool_kernel", "pool_stride", "agnostic_fraction", "importance", "exec_size", "last_alone")
+METHOD_OPTIONS = ("block_size", "topk", "n_init", "n_local", "position", "repr_keys", "per_head", "pooled_fraction",
+                  "switch_length", "pool_kernel", "pool_stride", "agnostic_fraction", "importance", "exec_size",
+                  "last_alone")
 
 
 def _method_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -187,8 +191,8 @@ def run(
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: continue the prompt as plain text.")] = False,
     method: Method = None, block_size: BlockSize = None, topk: TopK_ = None, n_init: NInit = None,
     n_local: NLocal = None, position: PositionOpt = None, repr_keys: ReprKeys = None, per_head: PerHead = None,
-    switch_length: Switch = None, pool_kernel: PoolKernel = None, pool_stride: PoolStride = None,
-    agnostic_fraction: Agnostic = None, importance: Importance = None, exec_size: ExecSize = None, last_alone: LastAlone = None,
+    pooled_fraction: PooledFraction = None, switch_length: Switch = None, pool_kernel: PoolKernel = None,
+    pool_stride: PoolStride = None, agnostic_fraction: Agnostic = None, importance: Importance = None, exec_size: ExecSize = None, last_alone: LastAlone = None,
     chunk_size: Chunk = None, ram_budget: RamBudget = None, device_budget: DeviceBudget = None,
     spill_dir: SpillDir = None, storage_dtype: StorageDtype = None, keep_important: KeepImportant = False,
     threads: Threads = None, dtype: Dtype = "float32", device: Device = "auto",
@@ -365,7 +369,8 @@ def memory_build(
     model: Model = None, method: Annotated[str, typer.Option(help="Block-memory method the memory is built and read "
                                                              "with (see `blockmem run --help`).")] = "infllm",
     block_size: BlockSize = None, topk: TopK_ = None, n_init: NInit = None, n_local: NLocal = None,
-    position: PositionOpt = None, repr_keys: ReprKeys = None, per_head: PerHead = None, switch_length: Switch = None,
+    position: PositionOpt = None, repr_keys: ReprKeys = None, per_head: PerHead = None,
+    pooled_fraction: PooledFraction = None, switch_length: Switch = None,
     pool_kernel: PoolKernel = None, pool_stride: PoolStride = None, agnostic_fraction: Agnostic = None,
     importance: Importance = None, exec_size: ExecSize = None, last_alone: LastAlone = None, chunk_size: Chunk = None,
     ram_budget: RamBudget = None, spill_dir: SpillDir = None, storage_dtype: StorageDtype = None,

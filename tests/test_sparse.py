@@ -279,6 +279,45 @@ def test_methods_find_the_matching_block(name: str) -> None:
     assert selected.tolist() == [[3], [3]]
 
 
+def _pooled_store(name: str, **options) -> tuple[SparseLayer, Rotary, LayerSpec, torch.Tensor]:
+    """A layer fed 12 blocks of 64 random keys, and a 3-token query as the memory part sees it."""
+    layer, rotary, spec = _layer(name, n_init=0, n_local=64, block_size=64, switch_length=0, **options)
+    g = torch.Generator().manual_seed(7)
+    _feed(layer, rotary, torch.randn(1, 2, 64 * 13, 8, generator=g), torch.randn(1, 2, 64 * 13, 8, generator=g), chunk=64)
+    q = torch.randn(1, 4, 3, 8, generator=g)
+    return layer, rotary, spec, layer._far_query(q, q, rotary, 0, layer.method.position)
+
+
+def test_infllm_pooled_fraction_takes_blocks_from_both_scores() -> None:
+    """topk 4, pooled_fraction 0.5: the 2 best blocks by pooled keys, then the 2 best of the rest
+    by representative keys; pooled summaries are the means of 32 keys every 16."""
+    from blockmem.attention.blocksparse import pooled_block_scores
+
+    layer, _, spec, q = _pooled_store("infllm", topk=4, pooled_fraction=0.5)
+    store = layer.memory.store
+    pooled = store.summary("pooled")  # [blocks, Hkv, 3, D]
+    assert pooled.shape == (12, 2, 3, 8)
+    stored = store.block_keys(5)  # [Hkv, 64, D]
+    assert torch.allclose(pooled[5, :, 1], stored[:, 16:48].mean(dim=1), atol=1e-5)
+    rows = q.reshape(2, -1, 8)
+    by_pooled = pooled_block_scores(rows, pooled, spec.scale).sum(dim=0)
+    by_repr = store.summary("repr").reshape(12, -1) @ rows.sum(dim=1).reshape(-1)
+    first = torch.argsort(-by_pooled)[:2].tolist()
+    by_repr[first] = float("-inf")
+    expected = sorted(first + torch.argsort(-by_repr)[:2].tolist())
+    assert layer.method.select(q, store, spec, 64 * 13).tolist() == [expected, expected]
+    plain, _, _, _ = _pooled_store("infllm", topk=4)
+    assert "pooled" not in plain.memory.store.summaries  # InfLLM as published keeps representatives only
+
+
+def test_infllm_reading_all_pooled_per_head_selects_as_blocksparse() -> None:
+    infllm, _, spec, q = _pooled_store("infllm", topk=5, pooled_fraction=1.0, per_head=True)
+    sparse, _, _, _ = _pooled_store("blocksparse", topk=5, position="infllm", pool_kernel=32, pool_stride=16)
+    got = infllm.method.select(q, infllm.memory.store, spec, 64 * 13)
+    assert got.tolist() == sparse.method.select(q, sparse.memory.store, spec, 64 * 13).tolist()
+    assert got[0].tolist() != got[1].tolist()  # per KV head: the two heads differ on random keys
+
+
 def test_per_head_selection_differs_between_kv_heads() -> None:
     layer, rotary, spec = _layer("infllm", n_init=0, n_local=8, block_size=8, topk=1, per_head=True)
     a, b = torch.randn(8), torch.randn(8)
@@ -348,7 +387,7 @@ def test_window_scores_are_attention_mass() -> None:
 @pytest.mark.parametrize("bad", [dict(name="infllm", repr_keys=0), dict(name="nosa", agnostic_fraction=2),
                                  dict(name="nosa", importance="vibes"), dict(name="quest", block_size=0),
                                  dict(name="infllm", position="sideways"), dict(name="quest", repr_keys=2),
-                                 dict(name="blocksparse", pool_kernel=500)])
+                                 dict(name="blocksparse", pool_kernel=500), dict(name="infllm", pooled_fraction=-0.5)])
 def test_bad_options_are_refused(bad) -> None:
     from blockmem.errors import ConfigError
 

@@ -42,8 +42,7 @@ class BlockSparseMethod(SparseMethod):
             raise ConfigError(f"{self.name}: pool-kernel must be 1..block-size and pool-stride at least 1")
 
     def summarize(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = keys.float().unfold(1, self.pool_kernel, self.pool_stride).mean(dim=-1)  # [Hkv, sub, D]
-        return {"pooled": pooled}
+        return {"pooled": pool_keys(keys, self.pool_kernel, self.pool_stride)}
 
     def block_scores(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec) -> torch.Tensor:
         """[Hkv, blocks]: summed per-query probability of each block's best sub-block."""
@@ -52,6 +51,11 @@ class BlockSparseMethod(SparseMethod):
 
     def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
         return top_blocks(self.block_scores(q, store, spec), self.topk)
+
+
+def pool_keys(keys: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """keys [Hkv, block, D] -> [Hkv, sub, D]: the mean of every `kernel` tokens, every `stride`."""
+    return keys.float().unfold(1, kernel, stride).mean(dim=-1)
 
 
 def pooled_block_scores(rows: torch.Tensor, pooled: torch.Tensor, scale: float) -> torch.Tensor:

@@ -9,9 +9,12 @@ from typing import ClassVar
 import torch
 
 from blockmem.attention.base import LayerSpec
-from blockmem.attention.sparse import Position, SparseMethod, grouped_queries, top_blocks
+from blockmem.attention.blocksparse import pool_keys, pooled_block_scores
+from blockmem.attention.sparse import Position, SparseMethod, grouped_queries, top_blocks, top_blocks_besides
 from blockmem.errors import ConfigError
 from blockmem.memory.store import BlockStore
+
+POOL_KERNEL = 32  # tokens per pooled sub-block (InfLLM-V2's kernel; stride half of it)
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,13 @@ class InfLLMMethod(SparseMethod):
     layer (`per_head`: one per KV head). With `position=infllm` (default) every selected token
     sits n_local positions before the query; the sinks and window keep their local positions.
     By default (`switch_length=None`) a prompt the budget covers is read exactly as `dense` (see
-    `SparseMethod.for_context`); `switch_length=0` is InfLLM as published."""
+    `SparseMethod.for_context`); `switch_length=0` is InfLLM as published.
+
+    `pooled_fraction` of the top-k are chosen instead by InfLLM-V2's score (`blocksparse`'s: each
+    query's softmax over the means of 32 keys every 16, max over a block's sub-blocks, summed over
+    the queries and, unless per head, the heads), the rest by representatives among the other
+    blocks. Representatives find a needle in repeated filler, pooled keys one in prose
+    (docs/methods.md); 0 (default) is InfLLM as published."""
 
     name: ClassVar[str] = "infllm"
     needs_scores: ClassVar[bool] = True
@@ -30,22 +39,38 @@ class InfLLMMethod(SparseMethod):
     repr_keys: int = 4
     per_head: bool = False
     switch_length: int | None = None
+    pooled_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 1 <= self.repr_keys <= self.block_size:
             raise ConfigError(f"infllm: repr-keys must be between 1 and the block size, got {self.repr_keys}")
+        if not 0.0 <= self.pooled_fraction <= 1.0:
+            raise ConfigError(f"infllm: pooled-fraction must be in [0, 1], got {self.pooled_fraction}",
+                              "0 selects by representative keys only (InfLLM), 1 by pooled keys only")
 
     def summarize(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         best = torch.argsort(-scores, dim=-1, stable=True)[:, : self.repr_keys]  # [Hkv, r]
         chosen = keys.gather(1, best[..., None].expand(-1, -1, keys.shape[-1]))  # [Hkv, r, D]
-        return {"repr": chosen.float().mean(dim=1)}
+        summaries = {"repr": chosen.float().mean(dim=1)}
+        if self.pooled_fraction:
+            kernel = min(POOL_KERNEL, self.block_size)
+            summaries["pooled"] = pool_keys(keys, kernel, max(1, kernel // 2))
+        return summaries
 
     def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
         reps = store.summary("repr")  # [blocks, Hkv, D]
-        query = grouped_queries(q, spec.num_kv_heads).float().sum(dim=1)  # [Hkv, D]
+        rows = grouped_queries(q, spec.num_kv_heads).float()  # [Hkv, G*T, D]
+        query = rows.sum(dim=1)  # [Hkv, D]
         if self.per_head:
-            return top_blocks(torch.einsum("hd,nhd->hn", query, reps), self.topk)
-        # One score per block, summed over heads: a single matrix-vector product.
-        scores = reps.reshape(reps.shape[0], -1) @ query.reshape(-1)
-        return top_blocks(scores[None], self.topk).expand(spec.num_kv_heads, -1)
+            scores = torch.einsum("hd,nhd->hn", query, reps)
+        else:  # one score per block, summed over heads: a single matrix-vector product
+            scores = (reps.reshape(reps.shape[0], -1) @ query.reshape(-1))[None]
+        pooled_k = round(self.topk * self.pooled_fraction)
+        if pooled_k:
+            pooled = pooled_block_scores(rows, store.summary("pooled"), spec.scale)  # [Hkv, blocks]
+            first = top_blocks(pooled if self.per_head else pooled.sum(dim=0, keepdim=True), pooled_k)
+            chosen = top_blocks_besides(first, scores, self.topk - pooled_k)
+        else:
+            chosen = top_blocks(scores, self.topk)
+        return chosen.expand(spec.num_kv_heads, -1)

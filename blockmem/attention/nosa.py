@@ -10,7 +10,7 @@ import torch
 
 from blockmem.attention.base import LayerSpec
 from blockmem.attention.blocksparse import BlockSparseMethod
-from blockmem.attention.sparse import top_blocks
+from blockmem.attention.sparse import top_blocks, top_blocks_besides
 from blockmem.errors import ConfigError
 from blockmem.memory.store import BlockStore
 
@@ -53,6 +53,4 @@ class NosaMethod(BlockSparseMethod):
     def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
         agnostic_k = round(self.topk * self.agnostic_fraction)
         agnostic = top_blocks(store.summary("importance").t(), agnostic_k)  # [Hkv, a]
-        aware = self.block_scores(q, store, spec).scatter(1, agnostic, float("-inf"))
-        chosen = torch.cat([agnostic, top_blocks(aware, self.topk - agnostic_k)], dim=1)
-        return chosen.sort(dim=1).values
+        return top_blocks_besides(agnostic, self.block_scores(q, store, spec), self.topk - agnostic_k)

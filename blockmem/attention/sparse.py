@@ -144,6 +144,13 @@ def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order.sort(dim=-1).values
 
 
+def top_blocks_besides(chosen: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The blocks already `chosen` [H, a] and the k best of the others by `scores` [H, n], sorted
+    by position [H, a + k]: a selection made of two scores' picks."""
+    others = scores.scatter(1, chosen, float("-inf"))
+    return torch.cat([chosen, top_blocks(others, k)], dim=1).sort(dim=1).values
+
+
 def grouped_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """q: [1, Hq, T, D] -> [Hkv, G * T, D]: the query heads sharing a KV head as one block of rows."""
     return q.reshape(kv_heads, -1, q.shape[-1])
