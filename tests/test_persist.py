@@ -20,6 +20,7 @@ import torch
 import blockmem
 from blockmem.attention import create_method
 from blockmem.engine.saved import SavedMemory, check_method
+from blockmem.eval.systems import parse_method
 from blockmem.errors import MemoryFileError
 from blockmem.memory import persist
 from blockmem.memory.tiers import TierConfig
@@ -30,8 +31,11 @@ DOC_B = ("b.txt", "Paris is the capital of France. Numbers 0 1 2 3 4 5. " * 8)
 QUESTION = "Where is Paris?"
 
 
-def _method(name: str = "infllm"):
-    return create_method(name, **(dict(SMALL, switch_length=0) if name in ("blocksparse", "nosa") else SMALL))
+def _method(spec: str = "infllm"):
+    """A method for these small documents; `spec` may carry options: 'infllm:pooled_fraction=0.5'."""
+    name, extra = parse_method(spec)
+    options = dict(SMALL, switch_length=0) if name in ("blocksparse", "nosa") else dict(SMALL)
+    return create_method(name, **options, **extra)
 
 
 def _logits_after(engine: blockmem.Engine, cache, ids: list[int], steps: int = 4) -> list[torch.Tensor]:
@@ -46,7 +50,7 @@ def _build(model, path: Path, docs=(DOC_A, DOC_B), method: str = "infllm", **kw)
     return SavedMemory.build(model, list(docs), path, _method(method), prefill_chunk=32, **kw)
 
 
-@pytest.mark.parametrize("name", ["infllm", "blocksparse", "nosa", "quest", "streaming"])
+@pytest.mark.parametrize("name", ["infllm", "infllm:pooled_fraction=0.5", "blocksparse", "nosa", "quest", "streaming"])
 def test_reopened_memory_computes_what_the_in_process_one_does(tiny_llama, tmp_path, name) -> None:
     memory = _build(tiny_llama, tmp_path / "m.bmem", method=name)
     # In process: the same documents through a live cache, read caches settled after each.
