@@ -494,3 +494,12 @@ def test_bench_plots_take_each_point_from_its_latest_run() -> None:
     series = _by_length(records, "decode_tok_s")
     assert sorted(series["infllm"]) == [(8192, 11.0), (32768, 30.0)]  # 32K: the new run only, not 29 (blended)
     assert series["llamacpp"] == [(32768, 9.0)]
+
+
+def test_long_system_labels_wrap_after_commas_in_plot_titles() -> None:
+    from blockmem.eval.plots import wrap_label
+
+    label = "blocksparse:position=infllm,exec_size=16,switch_length=0"
+    lines = wrap_label(label).split("\n")
+    assert lines == ["blocksparse:position=infllm,", "exec_size=16,switch_length=0"]
+    assert "".join(lines) == label and wrap_label("infllm") == "infllm"

@@ -74,12 +74,23 @@ def _heatmap(plt: Any, records: list[Record]) -> Any:
             axis.set_xlabel("needle depth (0% = start)")
         if number % columns == 0:
             axis.set_ylabel("context length (tokens)")
-        axis.set_title(system)
+        axis.set_title(wrap_label(system), fontsize=10)
     for number in range(len(systems), lines * columns):
         axes[number // columns][number % columns].axis("off")
     figure.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
     figure.suptitle("Needle tasks (niah_*, passkey, QA): accuracy by length and depth")
     return figure
+
+
+def wrap_label(label: str, width: int = 34) -> str:
+    """A system label broken after commas into lines of at most ~`width` characters, so long
+    method specs ('blocksparse:position=infllm,exec_size=16,...') don't run into their neighbours."""
+    lines = [""]
+    for piece in label.replace(",", ",\0").split("\0"):
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("")
+        lines[-1] += piece
+    return "\n".join(lines)
 
 
 def _lines(plt: Any, series: dict[str, list[tuple[int, float]]], ylabel: str, title: str, log_y: bool = False) -> Any:
