@@ -35,8 +35,9 @@ def test_logits_match_transformers_on_same_gguf(name: str, repeats: int) -> None
     got = forward_chunks(model, ids, 256)  # chunked prefill through the packed fast path
     diff = (got - expected).abs()
     # fp32 reordering only: one-shot through the plain path is bit-identical to transformers;
-    # chunking and oneDNN packing reorder sums (measured: max 2.3e-3, mean 1.2e-5 on Gemma).
-    assert diff.max().item() < 5e-3 and diff.mean().item() < 1e-4
+    # chunking and oneDNN packing reorder sums, by how much depends on the CPU's kernels (measured
+    # on Gemma: max 2.3e-3, mean 1.2e-5 on an AVX-512 EPYC; max 5.4e-3 on an AVX2-only one).
+    assert diff.max().item() < 1e-2 and diff.mean().item() < 1e-4
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
