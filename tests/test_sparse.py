@@ -318,6 +318,35 @@ def test_infllm_reading_all_pooled_per_head_selects_as_blocksparse() -> None:
     assert got[0].tolist() != got[1].tolist()  # per KV head: the two heads differ on random keys
 
 
+@pytest.mark.parametrize("name", ["infllm", "blocksparse", "quest"])
+def test_select_rows_lets_a_pieces_last_queries_choose(name: str) -> None:
+    """select_rows=2: a piece reads what its last two queries choose; its six earlier queries,
+    which want another block, do not count. Without the option they outvote the last two."""
+    options = dict(n_init=0, n_local=8, block_size=8, topk=1, switch_length=0, position="infllm")
+    layer, rotary, spec = _layer(name, select_rows=2, **options)
+    a, b = torch.eye(8)[0], torch.eye(8)[1]
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(1, 2, 48, 8, generator=g) * 0.05
+    keys[:, :, 8:16], keys[:, :, 32:40] = a * 3, b * 3  # block 1 answers a, block 4 answers b
+    _feed(layer, rotary, keys, torch.randn(1, 2, 48, 8, generator=g), chunk=8)
+    q = torch.stack([a] * 6 + [b] * 2).expand(1, 4, 8, 8)  # six queries along a, then two along b
+    store = layer.memory.store
+    assert layer._select(q, store, 48).tolist() == [[4], [4]]
+    assert layer.method.select(q, store, spec, 48).tolist() == [[1], [1]]  # every query counted
+    with pytest.raises(ConfigError, match="select-rows"):
+        create_method(name, select_rows=0)
+
+
+def test_select_rows_covering_the_piece_changes_nothing(tiny) -> None:
+    model = blockmem.load(tiny.get("llama")[0], device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 101), generator=torch.Generator().manual_seed(9))
+    options = dict(SMALL, topk=2, exec_size=16, switch_length=0)
+    plain = run(model, create_method("infllm", **options), ids, chunk=50, decode=3)
+    assert torch.equal(run(model, create_method("infllm", select_rows=16, **options), ids, chunk=50, decode=3), plain)
+    assert (run(model, create_method("infllm", select_rows=1, **options), ids, chunk=50, decode=3)
+            - plain).abs().max().item() > 1e-3  # fewer rows choose other blocks somewhere
+
+
 def test_per_head_selection_differs_between_kv_heads() -> None:
     layer, rotary, spec = _layer("infllm", n_init=0, n_local=8, block_size=8, topk=1, per_head=True)
     a, b = torch.randn(8), torch.randn(8)

@@ -1,6 +1,7 @@
 """What every block-memory method shares: the attend step over sinks, selected blocks and window.
 
-Queries go in execution pieces of at most `exec_size`; each piece attends up to three parts,
+Queries go in execution pieces of at most `exec_size`; each piece (its last `select_rows` queries
+when set) chooses blocks once and attends up to three parts,
 each with the query rotated for that part, merged exactly by log-sum-exp:
     sinks + top-k blocks   one part: every position policy reads both with the same query
                            rotation (true positions; infllm: memory at a fixed distance n_local,
@@ -55,6 +56,7 @@ class SparseMethod(AttentionMethod):
     position: Position | str = Position.TRUE
     exec_size: int = 512  # queries that share one selection (InfLLM's execution block)
     last_alone: bool = False  # a chunk's last query selects on its own, as a decode step does
+    select_rows: int | None = None  # the last this many queries of a piece choose its blocks (None: all)
     switch_length: int | None = 0  # every block read at its true position below this many tokens
     keeps_blocks: ClassVar[bool] = True  # False: evicted tokens are dropped (StreamingLLM)
     needs_scores: ClassVar[bool] = False  # True: track the attention mass window tokens receive
@@ -67,6 +69,9 @@ class SparseMethod(AttentionMethod):
         for name in ("n_local", "block_size", "exec_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.name}: {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.select_rows is not None and self.select_rows < 1:
+            raise ConfigError(f"{self.name}: select-rows must be at least 1, got {self.select_rows}",
+                              "leave it out to let every query of a piece choose its blocks")
         if self.n_init < 0 or self.topk < 0:
             raise ConfigError(f"{self.name}: n-init and topk must not be negative")
         if self.switch_length is not None and self.switch_length < 0:
@@ -395,6 +400,8 @@ class SparseLayer(LayerCache):
         heads = self.spec.num_kv_heads
         if store.num_blocks <= self.method.topk or length < self.method.switch_length:
             return torch.arange(store.num_blocks, device=q_memory.device).expand(heads, -1)
+        if self.method.select_rows is not None:  # the piece's last queries choose for all of it
+            q_memory = q_memory[:, :, -self.method.select_rows:]
         return self.method.select(q_memory, store, self.spec, length)
 
     def _score_window(self, q_true: torch.Tensor, lse: torch.Tensor, start: int) -> None:
