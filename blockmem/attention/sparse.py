@@ -1,8 +1,8 @@
 """What every block-memory method shares: the attend step over sinks, selected blocks and window.
 
-Queries go in execution pieces of at most `exec_size`; each piece (its last `select_rows` queries
-when set) chooses blocks once and attends up to three parts,
-each with the query rotated for that part, merged exactly by log-sum-exp:
+Queries go in execution pieces of at most `exec_size`; each piece chooses its blocks once (from its
+last `select_rows` queries when set) and attends up to three parts, each with the query rotated
+for that part, merged exactly by log-sum-exp:
     sinks + top-k blocks   one part: every position policy reads both with the same query
                            rotation (true positions; infllm: memory at a fixed distance n_local,
                            sink j at n_local - j; compacted: renumbered after the sinks)
@@ -140,6 +140,13 @@ class SparseMethod(AttentionMethod):
         """Block ids to read: [Hkv, k], sorted per head. q: [1, Hq, T, D], rotated as the memory
         part will see it; `length`: tokens in the sequence so far. Only called when the store
         holds more than `topk` blocks, at or past the switch length."""
+
+
+    def choose(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
+        """The blocks a piece of queries reads: `select` given its last `select_rows` queries (all
+        of them by default). Fewer rows cost less to score, and with a question at the end of a
+        prompt the question alone chooses for its piece."""
+        return self.select(q if self.select_rows is None else q[:, :, -self.select_rows:], store, spec, length)
 
 
 def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -400,9 +407,7 @@ class SparseLayer(LayerCache):
         heads = self.spec.num_kv_heads
         if store.num_blocks <= self.method.topk or length < self.method.switch_length:
             return torch.arange(store.num_blocks, device=q_memory.device).expand(heads, -1)
-        if self.method.select_rows is not None:  # the piece's last queries choose for all of it
-            q_memory = q_memory[:, :, -self.method.select_rows:]
-        return self.method.select(q_memory, store, self.spec, length)
+        return self.method.choose(q_memory, store, self.spec, length)
 
     def _score_window(self, q_true: torch.Tensor, lse: torch.Tensor, start: int) -> None:
         """Add the attention mass this chunk's queries gave the window tokens about to leave."""
