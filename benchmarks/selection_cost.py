@@ -3,9 +3,9 @@
     python benchmarks/selection_cost.py --methods "infllm;infllm:pooled_fraction=0.5" --tokens 8k,64k
 
 For each memory size, one layer of SmolLM2's shape (9 query heads, 3 KV heads, head dim 64) with
-random block summaries; times the method's selection (`choose`) for a prefill piece (`--rows`
-queries, default InfLLM's 512) and for a decode step (1 query), and, for scale, attention of the
-same queries over the method's budget of keys. Methods and attention are timed in the same run, alternating, on
+random block summaries; times the method's `select` for a prefill piece (`--rows` queries, default
+InfLLM's 512) and for a decode step (1 query), and, for scale, attention of the same queries over
+the method's budget of keys. Methods and attention are timed in the same run, alternating, on
 `--threads` threads; medians of `--reps`. Summaries are random: this measures cost, not choices.
 """
 
@@ -71,7 +71,7 @@ def main() -> None:
             cells = []
             for rows in (args.rows, 1):
                 q = torch.randn(1, SPEC.num_heads, rows, SPEC.head_dim)
-                cells.append(median_ms(lambda: method.choose(q, store, SPEC, tokens), args.reps))
+                cells.append(median_ms(lambda: method.select(q, store, SPEC, tokens), args.reps))
             attention = []
             for rows in (args.rows, 1):
                 q = torch.randn(1, SPEC.num_heads, rows, SPEC.head_dim)

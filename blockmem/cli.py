@@ -54,9 +54,6 @@ ExecSize = Annotated[int | None, typer.Option(help=f"{_METHOD_HELP} Queries that
 LastAlone = Annotated[bool | None, typer.Option("--last-alone/--last-in-piece", help=f"{_METHOD_HELP} A prefill "
                                                "chunk's last query selects its own blocks, as a decode step does, "
                                                "instead of sharing its piece's selection.", show_default=False)]
-SelectRows = Annotated[int | None, typer.Option(help=f"{_METHOD_HELP} Only a piece's last N queries choose its "
-                                               "blocks (default: all of them). Cheaper selection; with a question "
-                                               "at the end of a prompt, the question chooses.")]
 PositionOpt = Annotated[str | None, typer.Option("--position", help=f"{_METHOD_HELP} Position policy: true, infllm "
                                                  "(memory at a fixed distance) or compacted.")]
 ReprKeys = Annotated[int | None, typer.Option(help="infllm: representative keys per block.")]
@@ -70,6 +67,9 @@ Switch = Annotated[int | None, typer.Option(help="Block methods: read every bloc
                                             "for a prompt its budget covers, else 0 (InfLLM); others 0.")]
 PoolKernel = Annotated[int | None, typer.Option(help="blocksparse/nosa: tokens per pooled sub-block.")]
 PoolStride = Annotated[int | None, typer.Option(help="blocksparse/nosa: stride between pooled sub-blocks.")]
+PooledRows = Annotated[int | None, typer.Option(help="blocksparse/nosa, infllm with --pooled-fraction: only a "
+                                                "piece's last N queries score pooled keys (default: all). Far "
+                                                "cheaper; a question ending the prompt then chooses for its piece.")]
 Agnostic = Annotated[float | None, typer.Option(help="nosa: share of the blocks chosen without the query.")]
 Importance = Annotated[str | None, typer.Option(help="nosa: query-agnostic importance, mass or vnorm.")]
 Chunk = Annotated[int | None, typer.Option("--chunk-size", help="Prefill chunk in tokens: bounds memory per step. "
@@ -91,7 +91,7 @@ System = Annotated[str | None, typer.Option(help="System prompt for chat models.
 
 METHOD_OPTIONS = ("block_size", "topk", "n_init", "n_local", "position", "repr_keys", "per_head", "pooled_fraction",
                   "switch_length", "pool_kernel", "pool_stride", "agnostic_fraction", "importance", "exec_size",
-                  "last_alone", "select_rows")
+                  "last_alone", "pooled_rows")
 
 
 def _method_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -196,7 +196,7 @@ def run(
     n_local: NLocal = None, position: PositionOpt = None, repr_keys: ReprKeys = None, per_head: PerHead = None,
     pooled_fraction: PooledFraction = None, switch_length: Switch = None, pool_kernel: PoolKernel = None,
     pool_stride: PoolStride = None, agnostic_fraction: Agnostic = None, importance: Importance = None,
-    exec_size: ExecSize = None, last_alone: LastAlone = None, select_rows: SelectRows = None,
+    exec_size: ExecSize = None, last_alone: LastAlone = None, pooled_rows: PooledRows = None,
     chunk_size: Chunk = None, ram_budget: RamBudget = None, device_budget: DeviceBudget = None,
     spill_dir: SpillDir = None, storage_dtype: StorageDtype = None, keep_important: KeepImportant = False,
     threads: Threads = None, dtype: Dtype = "float32", device: Device = "auto",
@@ -377,7 +377,7 @@ def memory_build(
     pooled_fraction: PooledFraction = None, switch_length: Switch = None,
     pool_kernel: PoolKernel = None, pool_stride: PoolStride = None, agnostic_fraction: Agnostic = None,
     importance: Importance = None, exec_size: ExecSize = None, last_alone: LastAlone = None,
-    select_rows: SelectRows = None, chunk_size: Chunk = None,
+    pooled_rows: PooledRows = None, chunk_size: Chunk = None,
     ram_budget: RamBudget = None, spill_dir: SpillDir = None, storage_dtype: StorageDtype = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: questions continue the text as "
                                       "'Question: ... Answer:'.")] = False,

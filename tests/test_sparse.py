@@ -318,32 +318,45 @@ def test_infllm_reading_all_pooled_per_head_selects_as_blocksparse() -> None:
     assert got[0].tolist() != got[1].tolist()  # per KV head: the two heads differ on random keys
 
 
-@pytest.mark.parametrize("name", ["infllm", "blocksparse", "quest"])
-def test_select_rows_lets_a_pieces_last_queries_choose(name: str) -> None:
-    """select_rows=2: a piece reads what its last two queries choose; its six earlier queries,
-    which want another block, do not count. Without the option they outvote the last two."""
+@pytest.mark.parametrize("name", ["infllm", "blocksparse", "nosa"])
+def test_pooled_rows_let_a_pieces_last_queries_score_pooled_keys(name: str) -> None:
+    """pooled_rows=2: pooled keys are scored by a piece's last two queries; its six earlier
+    queries, which want another block, do not count (without the option they outvote the last
+    two). infllm's representatives still sum every query of the piece."""
     options = dict(n_init=0, n_local=8, block_size=8, topk=1, switch_length=0, position="infllm")
-    layer, rotary, spec = _layer(name, select_rows=2, **options)
+    options.update(pooled_fraction=1.0) if name == "infllm" else options.update(pool_kernel=8, pool_stride=8)
+    if name == "nosa":
+        options.update(agnostic_fraction=0.0)
     a, b = torch.eye(8)[0], torch.eye(8)[1]
     g = torch.Generator().manual_seed(3)
     keys = torch.randn(1, 2, 48, 8, generator=g) * 0.05
     keys[:, :, 8:16], keys[:, :, 32:40] = a * 3, b * 3  # block 1 answers a, block 4 answers b
-    _feed(layer, rotary, keys, torch.randn(1, 2, 48, 8, generator=g), chunk=8)
+    values = torch.randn(1, 2, 48, 8, generator=g)
     q = torch.stack([a] * 6 + [b] * 2).expand(1, 4, 8, 8)  # six queries along a, then two along b
-    store = layer.memory.store
-    assert layer._select(q, store, 48).tolist() == [[4], [4]]
-    assert layer.method.select(q, store, spec, 48).tolist() == [[1], [1]]  # every query counted
-    with pytest.raises(ConfigError, match="select-rows"):
-        create_method(name, select_rows=0)
+    picks = {}
+    for rows in (None, 2):
+        layer, rotary, spec = _layer(name, pooled_rows=rows, **options)
+        _feed(layer, rotary, keys, values, chunk=8)
+        picks[rows] = layer.method.select(q, layer.memory.store, spec, 48).tolist()
+    assert picks == {None: [[1], [1]], 2: [[4], [4]]}
+    if name == "infllm":  # half by pooled keys (the last two rows: block 4), half by representatives (all: 1)
+        layer, rotary, spec = _layer(name, **dict(options, topk=2, pooled_fraction=0.5, pooled_rows=2))
+        _feed(layer, rotary, keys, values, chunk=8)
+        assert layer.method.select(q, layer.memory.store, spec, 48).tolist() == [[1, 4], [1, 4]]
+        with pytest.raises(ConfigError, match="--pooled-fraction"):
+            create_method(name, pooled_rows=16)  # no block is chosen by pooled keys
+    with pytest.raises(ConfigError, match="pooled-rows"):
+        create_method(name, **dict(options, pooled_rows=0))
 
 
-def test_select_rows_covering_the_piece_changes_nothing(tiny) -> None:
+@pytest.mark.parametrize("name", ["infllm", "blocksparse"])
+def test_pooled_rows_covering_the_piece_change_nothing(tiny, name: str) -> None:
     model = blockmem.load(tiny.get("llama")[0], device="cpu")
     ids = torch.randint(0, model.config.vocab_size, (1, 101), generator=torch.Generator().manual_seed(9))
-    options = dict(SMALL, topk=2, exec_size=16, switch_length=0)
-    plain = run(model, create_method("infllm", **options), ids, chunk=50, decode=3)
-    assert torch.equal(run(model, create_method("infllm", select_rows=16, **options), ids, chunk=50, decode=3), plain)
-    assert (run(model, create_method("infllm", select_rows=1, **options), ids, chunk=50, decode=3)
+    options = dict(SMALL, topk=2, exec_size=16, switch_length=0, **({"pooled_fraction": 0.5} if name == "infllm" else {}))
+    plain = run(model, create_method(name, **options), ids, chunk=50, decode=3)
+    assert torch.equal(run(model, create_method(name, pooled_rows=16, **options), ids, chunk=50, decode=3), plain)
+    assert (run(model, create_method(name, pooled_rows=1, **options), ids, chunk=50, decode=3)
             - plain).abs().max().item() > 1e-3  # fewer rows choose other blocks somewhere
 
 

@@ -20,7 +20,7 @@ _ROWS = 256  # query rows scored at a time, so scoring memory stays bounded for 
 class BlockSparseMethod(SparseMethod):
     """Each block is pooled into sub-blocks (`pool_kernel` tokens every `pool_stride`); each
     query's attention probability over all sub-blocks is max-pooled to its block and summed over
-    the query heads of a KV group and the chunk's queries. While the sequence is shorter than
+    the query heads of a KV group and the piece's queries (its last `pooled_rows` when set). While the sequence is shorter than
     `switch_length` every block is read (dense). Scaled from InfLLM-V2's block 64 / kernel 32 /
     stride 16 / switch 8192 for small models."""
 
@@ -31,6 +31,7 @@ class BlockSparseMethod(SparseMethod):
     switch_length: int = 4096
     pool_kernel: int | None = None  # default: half a block (InfLLM-V2: 32 of 64)
     pool_stride: int | None = None  # default: half the kernel (InfLLM-V2: 16)
+    pooled_rows: int | None = None  # a piece's last this many queries score pooled keys (default: all)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -40,6 +41,7 @@ class BlockSparseMethod(SparseMethod):
             object.__setattr__(self, "pool_stride", max(1, self.pool_kernel // 2))
         if not (1 <= self.pool_kernel <= self.block_size and self.pool_stride >= 1):
             raise ConfigError(f"{self.name}: pool-kernel must be 1..block-size and pool-stride at least 1")
+        check_pooled_rows(self.name, self.pooled_rows)
 
     def summarize(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pooled": pool_keys(keys, self.pool_kernel, self.pool_stride)}
@@ -47,10 +49,23 @@ class BlockSparseMethod(SparseMethod):
     def block_scores(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec) -> torch.Tensor:
         """[Hkv, blocks]: summed per-query probability of each block's best sub-block."""
         pooled = store.summary("pooled")  # [blocks, Hkv, sub, D]
-        return pooled_block_scores(grouped_queries(q, pooled.shape[1]).float(), pooled, spec.scale)
+        rows = grouped_queries(last_rows(q, self.pooled_rows), pooled.shape[1]).float()
+        return pooled_block_scores(rows, pooled, spec.scale)
 
     def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
         return top_blocks(self.block_scores(q, store, spec), self.topk)
+
+
+def check_pooled_rows(method: str, rows: int | None) -> None:
+    if rows is not None and rows < 1:
+        raise ConfigError(f"{method}: pooled-rows must be at least 1, got {rows}",
+                          "leave it out to score pooled keys with every query of a piece")
+
+
+def last_rows(q: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """q [1, H, T, D] -> its last `rows` queries (all of them for None). Pooled scoring costs in
+    proportion to the rows; a question at the end of a piece then chooses for all of it."""
+    return q if rows is None else q[:, :, -rows:]
 
 
 def pool_keys(keys: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:

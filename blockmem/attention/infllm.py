@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from blockmem.attention.base import LayerSpec
-from blockmem.attention.blocksparse import pool_keys, pooled_block_scores
+from blockmem.attention.blocksparse import check_pooled_rows, last_rows, pool_keys, pooled_block_scores
 from blockmem.attention.sparse import Position, SparseMethod, grouped_queries, top_blocks, top_blocks_besides
 from blockmem.errors import ConfigError
 from blockmem.memory.store import BlockStore
@@ -31,7 +31,8 @@ class InfLLMMethod(SparseMethod):
     query's softmax over the means of 32 keys every 16, max over a block's sub-blocks, summed over
     the queries and, unless per head, the heads), the rest by representatives among the other
     blocks. Representatives find a needle in repeated filler, pooled keys one in prose
-    (docs/methods.md); 0 (default) is InfLLM as published."""
+    (docs/methods.md); 0 (default) is InfLLM as published. `pooled_rows`: only a piece's last
+    queries score pooled keys (representatives, a cheap linear score, always sum the whole piece)."""
 
     name: ClassVar[str] = "infllm"
     needs_scores: ClassVar[bool] = True
@@ -40,6 +41,7 @@ class InfLLMMethod(SparseMethod):
     per_head: bool = False
     switch_length: int | None = None
     pooled_fraction: float = 0.0
+    pooled_rows: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,6 +50,10 @@ class InfLLMMethod(SparseMethod):
         if not 0.0 <= self.pooled_fraction <= 1.0:
             raise ConfigError(f"infllm: pooled-fraction must be in [0, 1], got {self.pooled_fraction}",
                               "0 selects by representative keys only (InfLLM), 1 by pooled keys only")
+        check_pooled_rows(self.name, self.pooled_rows)
+        if self.pooled_rows is not None and not self.pooled_fraction:
+            raise ConfigError("infllm: pooled-rows applies to the blocks chosen by pooled keys, and there are none",
+                              "add --pooled-fraction (e.g. 0.5), or leave --pooled-rows out")
 
     def summarize(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         best = torch.argsort(-scores, dim=-1, stable=True)[:, : self.repr_keys]  # [Hkv, r]
@@ -68,7 +74,8 @@ class InfLLMMethod(SparseMethod):
             scores = (reps.reshape(reps.shape[0], -1) @ query.reshape(-1))[None]
         pooled_k = round(self.topk * self.pooled_fraction)
         if pooled_k:
-            pooled = pooled_block_scores(rows, store.summary("pooled"), spec.scale)  # [Hkv, blocks]
+            last = grouped_queries(last_rows(q, self.pooled_rows), spec.num_kv_heads).float()
+            pooled = pooled_block_scores(last, store.summary("pooled"), spec.scale)  # [Hkv, blocks]
             first = top_blocks(pooled if self.per_head else pooled.sum(dim=0, keepdim=True), pooled_k)
             chosen = top_blocks_besides(first, scores, self.topk - pooled_k)
         else:

@@ -1,8 +1,7 @@
 """What every block-memory method shares: the attend step over sinks, selected blocks and window.
 
-Queries go in execution pieces of at most `exec_size`; each piece chooses its blocks once (from its
-last `select_rows` queries when set) and attends up to three parts, each with the query rotated
-for that part, merged exactly by log-sum-exp:
+Queries go in execution pieces of at most `exec_size`; each piece attends up to three parts,
+each with the query rotated for that part, merged exactly by log-sum-exp:
     sinks + top-k blocks   one part: every position policy reads both with the same query
                            rotation (true positions; infllm: memory at a fixed distance n_local,
                            sink j at n_local - j; compacted: renumbered after the sinks)
@@ -56,7 +55,6 @@ class SparseMethod(AttentionMethod):
     position: Position | str = Position.TRUE
     exec_size: int = 512  # queries that share one selection (InfLLM's execution block)
     last_alone: bool = False  # a chunk's last query selects on its own, as a decode step does
-    select_rows: int | None = None  # the last this many queries of a piece choose its blocks (None: all)
     switch_length: int | None = 0  # every block read at its true position below this many tokens
     keeps_blocks: ClassVar[bool] = True  # False: evicted tokens are dropped (StreamingLLM)
     needs_scores: ClassVar[bool] = False  # True: track the attention mass window tokens receive
@@ -69,9 +67,6 @@ class SparseMethod(AttentionMethod):
         for name in ("n_local", "block_size", "exec_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.name}: {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.select_rows is not None and self.select_rows < 1:
-            raise ConfigError(f"{self.name}: select-rows must be at least 1, got {self.select_rows}",
-                              "leave it out to let every query of a piece choose its blocks")
         if self.n_init < 0 or self.topk < 0:
             raise ConfigError(f"{self.name}: n-init and topk must not be negative")
         if self.switch_length is not None and self.switch_length < 0:
@@ -140,13 +135,6 @@ class SparseMethod(AttentionMethod):
         """Block ids to read: [Hkv, k], sorted per head. q: [1, Hq, T, D], rotated as the memory
         part will see it; `length`: tokens in the sequence so far. Only called when the store
         holds more than `topk` blocks, at or past the switch length."""
-
-
-    def choose(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
-        """The blocks a piece of queries reads: `select` given its last `select_rows` queries (all
-        of them by default). Fewer rows cost less to score, and with a question at the end of a
-        prompt the question alone chooses for its piece."""
-        return self.select(q if self.select_rows is None else q[:, :, -self.select_rows:], store, spec, length)
 
 
 def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -407,7 +395,7 @@ class SparseLayer(LayerCache):
         heads = self.spec.num_kv_heads
         if store.num_blocks <= self.method.topk or length < self.method.switch_length:
             return torch.arange(store.num_blocks, device=q_memory.device).expand(heads, -1)
-        return self.method.choose(q_memory, store, self.spec, length)
+        return self.method.select(q_memory, store, self.spec, length)
 
     def _score_window(self, q_true: torch.Tensor, lse: torch.Tensor, start: int) -> None:
         """Add the attention mass this chunk's queries gave the window tokens about to leave."""
