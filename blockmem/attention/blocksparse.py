@@ -20,9 +20,9 @@ _ROWS = 256  # query rows scored at a time, so scoring memory stays bounded for 
 class BlockSparseMethod(SparseMethod):
     """Each block is pooled into sub-blocks (`pool_kernel` tokens every `pool_stride`); each
     query's attention probability over all sub-blocks is max-pooled to its block and summed over
-    the query heads of a KV group and the piece's queries (its last `pooled_rows` when set). While the sequence is shorter than
-    `switch_length` every block is read (dense). Scaled from InfLLM-V2's block 64 / kernel 32 /
-    stride 16 / switch 8192 for small models."""
+    the query heads of a KV group and the piece's queries (its last `pooled_rows` when set).
+    While the sequence is shorter than `switch_length` every block is read (dense). Scaled from
+    InfLLM-V2's block 64 / kernel 32 / stride 16 / switch 8192 for small models."""
 
     name: ClassVar[str] = "blocksparse"
     n_init: int = 64
