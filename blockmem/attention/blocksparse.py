@@ -48,9 +48,7 @@ class BlockSparseMethod(SparseMethod):
 
     def block_scores(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec) -> torch.Tensor:
         """[Hkv, blocks]: summed per-query probability of each block's best sub-block."""
-        pooled = store.summary("pooled")  # [blocks, Hkv, sub, D]
-        rows = grouped_queries(last_rows(q, self.pooled_rows), pooled.shape[1]).float()
-        return pooled_block_scores(rows, pooled, spec.scale)
+        return pooled_scores(q, store.summary("pooled"), self.pooled_rows, spec.scale)
 
     def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
         return top_blocks(self.block_scores(q, store, spec), self.topk)
@@ -62,10 +60,12 @@ def check_pooled_rows(method: str, rows: int | None) -> None:
                           "leave it out to score pooled keys with every query of a piece")
 
 
-def last_rows(q: torch.Tensor, rows: int | None) -> torch.Tensor:
-    """q [1, H, T, D] -> its last `rows` queries (all of them for None). Pooled scoring costs in
-    proportion to the rows; a question at the end of a piece then chooses for all of it."""
-    return q if rows is None else q[:, :, -rows:]
+def pooled_scores(q: torch.Tensor, pooled: torch.Tensor, rows: int | None, scale: float) -> torch.Tensor:
+    """q [1, Hq, T, D], pooled [blocks, Hkv, sub, D] -> [Hkv, blocks], scored by the piece's last
+    `rows` queries (all of them for None). Scoring costs in proportion to the rows; a question at
+    the end of a piece then chooses for all of it."""
+    last = q if rows is None else q[:, :, -rows:]
+    return pooled_block_scores(grouped_queries(last, pooled.shape[1]).float(), pooled, scale)
 
 
 def pool_keys(keys: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:

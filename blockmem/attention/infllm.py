@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from blockmem.attention.base import LayerSpec
-from blockmem.attention.blocksparse import check_pooled_rows, last_rows, pool_keys, pooled_block_scores
+from blockmem.attention.blocksparse import check_pooled_rows, pool_keys, pooled_scores
 from blockmem.attention.sparse import Position, SparseMethod, grouped_queries, top_blocks, top_blocks_besides
 from blockmem.errors import ConfigError
 from blockmem.memory.store import BlockStore
@@ -74,8 +74,7 @@ class InfLLMMethod(SparseMethod):
             scores = (reps.reshape(reps.shape[0], -1) @ query.reshape(-1))[None]
         pooled_k = round(self.topk * self.pooled_fraction)
         if pooled_k:
-            last = grouped_queries(last_rows(q, self.pooled_rows), spec.num_kv_heads).float()
-            pooled = pooled_block_scores(last, store.summary("pooled"), spec.scale)  # [Hkv, blocks]
+            pooled = pooled_scores(q, store.summary("pooled"), self.pooled_rows, spec.scale)  # [Hkv, blocks]
             first = top_blocks(pooled if self.per_head else pooled.sum(dim=0, keepdim=True), pooled_k)
             chosen = top_blocks_besides(first, scores, self.topk - pooled_k)
         else:
