@@ -33,7 +33,7 @@ class Summaries:
     def __init__(self, method: Any, blocks: int) -> None:
         keys = torch.randn(SPEC.num_kv_heads, method.block_size, SPEC.head_dim)
         one = method.summarize(keys, keys, torch.rand(SPEC.num_kv_heads, method.block_size))
-        self.arrays = {name: torch.randn(blocks, *value.shape) for name, value in one.items()}
+        self.arrays = {name: torch.randn(value.shape[0], blocks, *value.shape[1:]) for name, value in one.items()}
 
     def summary(self, name: str) -> torch.Tensor:
         return self.arrays[name]

@@ -125,13 +125,14 @@ def capture(model: blockmem.Model, method: Any, target: Target, decode_steps: in
 
 def ranks(q: torch.Tensor, keys: torch.Tensor, repr_keys: torch.Tensor | None, block: int, scale: float,
           needle: list[int]) -> dict[str, str]:
-    """q: [1, Hq, T, D]; keys: [Hkv, n * block, D] as stored; repr_keys: [n, Hkv, D] or None."""
+    """q: [1, Hq, T, D]; keys: [Hkv, n * block, D] as stored; repr_keys: [Hkv, n, D] or None."""
     heads, _, dim = keys.shape
     n = keys.shape[1] // block
     rows = grouped_queries(q, heads)  # [Hkv, G*T, D]
     kernel = min(32, block)
     pooler = create_method("blocksparse", block_size=block, pool_kernel=kernel, pool_stride=max(1, kernel // 2))
-    pooled = torch.stack([pooler.summarize(b, b, b)["pooled"] for b in keys.reshape(heads, n, block, dim).unbind(1)])
+    pooled = torch.stack([pooler.summarize(b, b, b)["pooled"] for b in keys.reshape(heads, n, block, dim).unbind(1)],
+                         dim=1)  # [Hkv, n, sub, D], as a store holds them
 
     def pooled_score(r: torch.Tensor) -> torch.Tensor:
         return pooled_block_scores(r, pooled, scale).sum(0)
@@ -140,7 +141,7 @@ def ranks(q: torch.Tensor, keys: torch.Tensor, repr_keys: torch.Tensor | None, b
     scores = {"pooled": pooled_score(rows), "exact": torch.softmax(torch.logsumexp(exact, -1), -1).sum((0, 1)),
               "last1": pooled_score(grouped_queries(q[:, :, -1:], heads))}
     if repr_keys is not None:
-        scores["repr"] = torch.einsum("hd,nhd->n", rows.sum(1), repr_keys)
+        scores["repr"] = torch.einsum("hd,hnd->n", rows.sum(1), repr_keys)
 
     def rank(s: torch.Tensor) -> str:  # one rank per needle block: "4/20" for a needle in blocks 15 and 16
         order = torch.argsort(-s, stable=True).tolist()

@@ -66,6 +66,14 @@ def test_reopened_memory_computes_what_the_in_process_one_does(tiny_llama, tmp_p
     reopened = SavedMemory.open(tmp_path / "m.bmem", tiny_llama)  # as a new process would
     got = _logits_after(reopened.engine, reopened.restore(), question)
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    # the file keeps format 1's block-major summaries [blocks, Hkv, ...] (the store holds them head-major)
+    layer = next((i for i, entry in enumerate(memory.header["layers"]) if entry.get("blocks")), None)
+    assert (layer is None) == (name == "streaming")  # streaming keeps no blocks
+    store = reopened.restore().layers[layer or 0].memory.store
+    for summary in store.summaries if layer is not None else []:
+        on_disk = memory.file.array(f"layer.{layer}.summary.{summary}")
+        assert torch.equal(on_disk.transpose(0, 1).to(store.summary(summary).dtype), store.summary(summary))
+        assert on_disk.shape[0] == memory.header["layers"][layer]["blocks"]
     # with a RAM budget the blocks come from disk: still exactly the same
     budget = 3 * 2 * 2 * 8 * 16 * 4 * 2
     tiered = SavedMemory.open(tmp_path / "m.bmem", tiny_llama, TierConfig(ram_budget=budget, spill_dir=str(tmp_path)))

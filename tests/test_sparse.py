@@ -214,8 +214,8 @@ def test_eviction_keeps_window_and_summaries() -> None:
     # quest stores true-position keys: block b holds positions 4 + 8b .. 4 + 8b + 7, rotated
     first = rotary.rotate(keys[:, :, 4:12], 4)[0]
     assert torch.allclose(memory.store.block_keys(0), first, atol=1e-6)
-    assert torch.allclose(memory.store.summary("kmin")[0], first.amin(dim=1), atol=1e-6)
-    assert torch.allclose(memory.store.summary("kmax")[0], first.amax(dim=1), atol=1e-6)
+    assert torch.allclose(memory.store.summary("kmin")[:, 0], first.amin(dim=1), atol=1e-6)
+    assert torch.allclose(memory.store.summary("kmax")[:, 0], first.amax(dim=1), atol=1e-6)
 
 
 def test_summaries_keep_every_block_and_grow_by_an_eighth() -> None:
@@ -224,9 +224,13 @@ def test_summaries_keep_every_block_and_grow_by_an_eighth() -> None:
     store = BlockStore(0, Tiers((2, 1, 2, 3), torch.device("cpu"), torch.float32), kv_heads=1, block_size=2, head_dim=3)
     for b in range(300):
         store.append(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), {"score": torch.tensor([float(b)])})
-        capacity = store.summaries["score"].shape[0]
+        capacity = store.summaries["score"].shape[1]  # head-major: [Hkv, capacity]
         assert b + 1 <= capacity <= max(16, (b + 1) + (b + 1) // 8 + 16)  # never twice what it holds
-    assert store.summary("score")[:, 0].tolist() == [float(b) for b in range(300)]
+    assert store.summary("score")[0].tolist() == [float(b) for b in range(300)]
+    with pytest.raises(ValueError, match="KV heads"):  # summaries lead with the heads: [Hkv, ...]
+        store.append(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), {"score": torch.zeros(2)})
+    assert store.num_blocks == 300
+    store.check()
 
 
 def test_infllm_stores_position_free_keys_and_representatives() -> None:
@@ -235,7 +239,7 @@ def test_infllm_stores_position_free_keys_and_representatives() -> None:
     _feed(layer, rotary, keys, values, chunk=8)
     store = layer.memory.store
     assert torch.allclose(store.block_keys(0), keys[0, :, 4:12], atol=1e-5)  # unrotated: read at a fixed distance
-    reps = store.summary("repr")[0]  # mean of two of the block's keys per head
+    reps = store.summary("repr")[:, 0]  # mean of two of the block's keys per head
     for head in range(2):
         candidates = keys[0, head, 4:12]
         pair_means = [(candidates[i] + candidates[j]) / 2 for i in range(8) for j in range(i + 1, 8)]
@@ -250,8 +254,8 @@ def test_quest_bound_is_an_upper_bound() -> None:
     q = torch.randn(1, 4, 1, 8)
     method = layer.method
     rows = q.reshape(2, 2, 8)
-    bound = torch.einsum("hd,nhd->hn", rows.clamp(min=0).sum(1), store.summary("kmax")) + \
-        torch.einsum("hd,nhd->hn", rows.clamp(max=0).sum(1), store.summary("kmin"))
+    bound = torch.einsum("hd,hnd->hn", rows.clamp(min=0).sum(1), store.summary("kmax")) + \
+        torch.einsum("hd,hnd->hn", rows.clamp(max=0).sum(1), store.summary("kmin"))
     stored = store.pages(list(range(store.num_blocks)))[:, 0]  # [n, Hkv, block, D]
     actual = torch.einsum("hgd,nhtd->hnt", rows, stored).amax(-1)  # exact per key, summed q
     assert (bound >= actual - 1e-5).all()
@@ -295,13 +299,13 @@ def test_infllm_pooled_fraction_takes_blocks_from_both_scores() -> None:
 
     layer, _, spec, q = _pooled_store("infllm", topk=4, pooled_fraction=0.5)
     store = layer.memory.store
-    pooled = store.summary("pooled")  # [blocks, Hkv, 3, D]
-    assert pooled.shape == (12, 2, 3, 8)
+    pooled = store.summary("pooled")  # [Hkv, blocks, 3, D]
+    assert pooled.shape == (2, 12, 3, 8)
     stored = store.block_keys(5)  # [Hkv, 64, D]
-    assert torch.allclose(pooled[5, :, 1], stored[:, 16:48].mean(dim=1), atol=1e-5)
+    assert torch.allclose(pooled[:, 5, 1], stored[:, 16:48].mean(dim=1), atol=1e-5)
     rows = q.reshape(2, -1, 8)
     by_pooled = pooled_block_scores(rows, pooled, spec.scale).sum(dim=0)
-    by_repr = store.summary("repr").reshape(12, -1) @ rows.sum(dim=1).reshape(-1)
+    by_repr = torch.einsum("hnd,hd->n", store.summary("repr"), rows.sum(dim=1))
     first = torch.argsort(-by_pooled)[:2].tolist()
     by_repr[first] = float("-inf")
     expected = sorted(first + torch.argsort(-by_repr)[:2].tolist())

@@ -61,11 +61,11 @@ def check_pooled_rows(method: str, rows: int | None) -> None:
 
 
 def pooled_scores(q: torch.Tensor, pooled: torch.Tensor, rows: int | None, scale: float) -> torch.Tensor:
-    """q [1, Hq, T, D], pooled [blocks, Hkv, sub, D] -> [Hkv, blocks], scored by the piece's last
+    """q [1, Hq, T, D], pooled [Hkv, blocks, sub, D] -> [Hkv, blocks], scored by the piece's last
     `rows` queries (all of them for None). Scoring costs in proportion to the rows; a question at
     the end of a piece then chooses for all of it."""
     last = q if rows is None else q[:, :, -rows:]
-    return pooled_block_scores(grouped_queries(last, pooled.shape[1]).float(), pooled, scale)
+    return pooled_block_scores(grouped_queries(last, pooled.shape[0]).float(), pooled, scale)
 
 
 def pool_keys(keys: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
@@ -74,10 +74,10 @@ def pool_keys(keys: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
 
 
 def pooled_block_scores(rows: torch.Tensor, pooled: torch.Tensor, scale: float) -> torch.Tensor:
-    """rows [Hkv, R, D], pooled [blocks, Hkv, sub, D] -> [Hkv, blocks]: per row, softmax over every
+    """rows [Hkv, R, D], pooled [Hkv, blocks, sub, D] -> [Hkv, blocks]: per row, softmax over every
     sub-block, max-pooled to its block, summed over the rows (in chunks of _ROWS)."""
-    blocks, heads, sub, dim = pooled.shape
-    keys = pooled.permute(1, 0, 2, 3).reshape(heads, blocks * sub, dim)
+    heads, blocks, sub, dim = pooled.shape
+    keys = pooled.reshape(heads, blocks * sub, dim)  # a view of the store's head-major summaries
     total = torch.zeros(heads, blocks, device=rows.device)
     for first in range(0, rows.shape[1], _ROWS):
         logits = torch.bmm(rows[:, first:first + _ROWS], keys.transpose(1, 2)) * scale

@@ -48,9 +48,9 @@ class NosaMethod(BlockSparseMethod):
         agnostic_k = round(self.topk * self.agnostic_fraction)
         if not agnostic_k:
             return []
-        return sorted(set(top_blocks(store.summary("importance").t(), agnostic_k).flatten().tolist()))
+        return sorted(set(top_blocks(store.summary("importance"), agnostic_k).flatten().tolist()))
 
     def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
         agnostic_k = round(self.topk * self.agnostic_fraction)
-        agnostic = top_blocks(store.summary("importance").t(), agnostic_k)  # [Hkv, a]
+        agnostic = top_blocks(store.summary("importance"), agnostic_k)  # [Hkv, a]
         return top_blocks_besides(agnostic, self.block_scores(q, store, spec), self.topk - agnostic_k)

@@ -31,6 +31,6 @@ class QuestMethod(SparseMethod):
     def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
         rows = grouped_queries(q, spec.num_kv_heads).float()  # [Hkv, G*T, D]
         positive, negative = rows.clamp(min=0).sum(dim=1), rows.clamp(max=0).sum(dim=1)  # [Hkv, D]
-        bound = (torch.einsum("hd,nhd->hn", positive, store.summary("kmax"))
-                 + torch.einsum("hd,nhd->hn", negative, store.summary("kmin")))
+        bound = (torch.einsum("hd,hnd->hn", positive, store.summary("kmax"))
+                 + torch.einsum("hd,hnd->hn", negative, store.summary("kmin")))
         return top_blocks(bound, self.topk)

@@ -436,7 +436,8 @@ class SparseLayer(LayerCache):
         arrays = {"init_keys": memory.init_keys, "init_values": memory.init_values, "window_keys": keys,
                   "window_values": values, "window_scores": window.scores[:, window.begin:window.end]}
         if store is not None:
-            arrays.update({f"summary.{name}": store.summary(name) for name in store.summaries})
+            # files keep summaries block-major [blocks, Hkv, ...] (format 1); the store holds them head-major
+            arrays.update({f"summary.{name}": store.summary(name).transpose(0, 1) for name in store.summaries})
         ints = {"length": memory.length, "evicted": memory.evicted, "blocks": store.num_blocks if store else 0}
         return ints, arrays
 
@@ -449,7 +450,7 @@ class SparseLayer(LayerCache):
                             arrays["window_scores"].to(device))
         memory.length, memory.evicted = ints["length"], ints["evicted"]
         if store is not None:
-            store.restore(ints["blocks"], {name.split(".", 1)[1]: tensor.to(device)
+            store.restore(ints["blocks"], {name.split(".", 1)[1]: tensor.to(device).transpose(0, 1)
                                            for name, tensor in arrays.items() if name.startswith("summary.")})
             if store.num_blocks > self.method.topk:
                 store.tiers.prefetch([(self.spec.index, i) for i in self.method.read_ahead(store, self.spec)])

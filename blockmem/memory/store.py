@@ -7,8 +7,10 @@ Contract:
 - `pages(ids)` returns whole blocks [n, 2, Hkv, block, D] (keys, values) on the compute device;
   `each_page(ids, take)` hands them over one by one without gathering (see `Tiers.fetch_each`);
   `read_in_place(ids, use)` lets `use` read them where the page pool holds them (no copy);
-- `summary(name)` returns one summary for every block, [num_blocks, ...]; summaries stay on the
-  compute device (selection reads all of them every step; they are small);
+- `summary(name)` returns one summary for every block, head-major [Hkv, num_blocks, ...] (a view,
+  no copy): selection scores each KV head's blocks as one matrix every step, so the layout it
+  reads is the layout kept (saved memories keep block-major arrays; `restore` takes head-major);
+  summaries stay on the compute device (they are small);
 - `num_blocks` and `nbytes()` are plain integers; `check()` raises if the store is inconsistent.
 """
 
@@ -26,33 +28,38 @@ class BlockStore:
         self.layer, self.tiers = layer, tiers
         self.kv_heads, self.block_size, self.head_dim = kv_heads, block_size, head_dim
         self.num_blocks = 0
-        self.summaries: dict[str, torch.Tensor] = {}  # name -> [capacity, ...], grown by an eighth
+        self.summaries: dict[str, torch.Tensor] = {}  # name -> [Hkv, capacity, ...], grown by an eighth
 
     def _grow_summary(self, summary: torch.Tensor, capacity: int) -> torch.Tensor:
-        grown = summary.new_empty((capacity, *summary.shape[1:]))
-        grown[: self.num_blocks] = summary[: self.num_blocks]
+        grown = summary.new_empty((summary.shape[0], capacity, *summary.shape[2:]))
+        grown[:, : self.num_blocks] = summary[:, : self.num_blocks]
         return grown
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, summaries: dict[str, torch.Tensor]) -> int:
-        """keys, values: [Hkv, block, D]; summaries: name -> tensor of a fixed shape per block."""
+        """keys, values: [Hkv, block, D]; summaries: name -> [Hkv, ...], a fixed shape per block."""
         index = self.num_blocks
+        for name, value in summaries.items():
+            if value.dim() == 0 or value.shape[0] != self.kv_heads:
+                raise ValueError(f"summary {name} of shape {tuple(value.shape)} must lead with the "
+                                 f"{self.kv_heads} KV heads")
         self.tiers.append(self.layer, index, keys, values)
         for name, value in summaries.items():
             held = self.summaries.get(name)
             if held is None:
-                held = self.summaries[name] = value.new_empty((16, *value.shape))
-            elif held.shape[0] == index:
+                held = self.summaries[name] = value.new_empty((value.shape[0], 16, *value.shape[1:]))
+            elif held.shape[1] == index:
                 # grow by an eighth, not by doubling: a 256K-token memory's summaries are ~47 MiB,
                 # and doubling held up to 3x that while copying (copies stay cheap: ~8x in all)
                 held = self.summaries[name] = self._grow_summary(held, index + max(16, index // 8))
-            held[index] = value
+            held[:, index] = value
         self.num_blocks += 1
         return index
 
     def restore(self, num_blocks: int, summaries: dict[str, torch.Tensor]) -> None:
-        """Adopt `num_blocks` blocks already in the tiers (a saved memory's) and their summaries."""
+        """Adopt `num_blocks` blocks already in the tiers (a saved memory's) and their summaries,
+        head-major [Hkv, num_blocks, ...] (any strides: they are copied into the layout kept)."""
         self.num_blocks = num_blocks
-        self.summaries = {name: s.clone() for name, s in summaries.items()}
+        self.summaries = {name: s.clone(memory_format=torch.contiguous_format) for name, s in summaries.items()}
 
     def pages(self, ids: list[int]) -> torch.Tensor:
         return self.tiers.fetch(self.layer, ids)
@@ -82,17 +89,18 @@ class BlockStore:
         return self.pages([index])[0, 0]
 
     def summary(self, name: str) -> torch.Tensor:
-        return self.summaries[name][: self.num_blocks]
+        return self.summaries[name][:, : self.num_blocks]
 
     def nbytes(self) -> int:
         """Bytes of this layer's blocks and summaries, wherever the blocks live."""
-        summaries = sum(s[: self.num_blocks].numel() * s.element_size() for s in self.summaries.values())
+        summaries = sum(s[:, : self.num_blocks].numel() * s.element_size() for s in self.summaries.values())
         return self.num_blocks * self.tiers.page_bytes + summaries
 
     def check(self) -> None:
         for name, s in self.summaries.items():
-            if s.shape[0] < self.num_blocks:
-                raise AssertionError(f"summary {name} holds {s.shape[0]} rows for {self.num_blocks} blocks")
+            if s.shape[0] != self.kv_heads or s.shape[1] < self.num_blocks:
+                raise AssertionError(f"summary {name} of shape {tuple(s.shape)} does not hold {self.kv_heads} "
+                                     f"heads x {self.num_blocks} blocks")
         for index in range(self.num_blocks):
             if not self.tiers.holds((self.layer, index)):
                 raise AssertionError(f"layer {self.layer} block {index} is in no tier")
