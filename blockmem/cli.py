@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from blockmem.errors import BlockmemError, ConfigError
@@ -108,9 +109,9 @@ def _friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except BlockmemError as exc:
-            err.print(f"[red]error:[/red] {exc.problem}")
+            err.print(f"[red]error:[/red] {escape(exc.problem)}")
             if exc.fix:
-                err.print(f"  fix: {exc.fix}")
+                err.print(f"  fix: {escape(exc.fix)}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -251,12 +252,12 @@ def _finish(completion: Any, model: Any, as_json: bool, extra: dict[str, Any] | 
         sys.stdout.write(json.dumps(record) + "\n")
         return
     sys.stdout.write("\n")
-    err.print(f"[dim]{completion.stats.summary()}[/dim]")
+    err.print(f"[dim]{escape(completion.stats.summary())}[/dim]")
     if decode_kernel.startswith("torch (") and model.decoder.device.type == "cpu":
-        err.print(f"[dim]decode attention: {decode_kernel}; slower at long context (README, Quick start)[/dim]")
+        err.print(f"[dim]decode attention: {escape(decode_kernel)}; slower at long context (README, Quick start)[/dim]")
     for line in (_method_line(completion.method), completion.stats.tier_summary()):
         if line:
-            err.print(f"[dim]{line}[/dim]")
+            err.print(f"[dim]{escape(line)}[/dim]")
 
 
 def _load(model: str | None, dtype: str, device: str, threads: int | None) -> Any:
@@ -318,7 +319,7 @@ def chat(model: Model = None, system: System = None, max_new_tokens: MaxNew = 51
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=stops)
     if not templated:
-        err.print(f"[yellow]{engine.model.name} has no chat template: using a plain 'User:/Assistant:' transcript"
+        err.print(f"[yellow]{escape(engine.model.name)} has no chat template: using a plain 'User:/Assistant:' transcript"
                   "[/yellow]")
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
@@ -347,7 +348,7 @@ def chat(model: Model = None, system: System = None, max_new_tokens: MaxNew = 51
             sys.stdout.flush()
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": stream.completion.text.strip()})
-        err.print(f"[dim]{stream.completion.stats.summary()}[/dim]")
+        err.print(f"[dim]{escape(stream.completion.stats.summary())}[/dim]")
 
 
 memory_app = typer.Typer(help="Read documents once into a saved memory (.bmem), then ask it questions with "
@@ -405,7 +406,7 @@ def memory_build(
     with progress:
         memory = SavedMemory.build(loaded, docs, output, chosen, prefill_chunk=chunk_size, tiers=tiers, raw=raw,
                                    system=system, on_progress=update)
-    err.print(_memory_line(output, memory, time.perf_counter() - started, memory.tokens))
+    err.print(escape(_memory_line(output, memory, time.perf_counter() - started, memory.tokens)))
 
 
 @memory_app.command("extend")
@@ -428,7 +429,7 @@ def memory_extend(path: MemoryPath, documents: Docs, model: Model = None, ram_bu
     started = time.perf_counter()
     with progress:
         memory.extend(docs, on_progress=update)
-    err.print(_memory_line(path, memory, time.perf_counter() - started, memory.tokens - before))
+    err.print(escape(_memory_line(path, memory, time.perf_counter() - started, memory.tokens - before)))
 
 
 @memory_app.command("info")
@@ -483,10 +484,10 @@ def models() -> None:
     from blockmem.model.catalog import CATALOG, DEFAULT_MODEL
 
     for entry in CATALOG.values():
-        status = "[green]installed[/green]" if entry.installed() else f"[yellow]not installed:[/yellow] {entry.install}"
+        status = "[green]installed[/green]" if entry.installed() else f"[yellow]not installed:[/yellow] {escape(entry.install)}"
         default = " (default)" if entry.name == DEFAULT_MODEL else ""
-        err.print(f"[bold]{entry.name}[/bold]{default}  {entry.title}, {entry.license}\n"
-                  f"    {entry.description}\n    {status}")
+        err.print(f"[bold]{escape(entry.name)}[/bold]{default}  {escape(entry.title)}, {escape(entry.license)}\n"
+                  f"    {escape(entry.description)}\n    {status}")
 
 
 def _register_eval() -> None:

@@ -89,6 +89,23 @@ def test_bad_input_is_one_clear_line(model_dir, args, message) -> None:
     assert result.stderr.startswith("error: ") and message in result.stderr
 
 
+def test_messages_and_help_print_brackets_literally(model_dir) -> None:
+    """Paths and fixes hold brackets (`notes[1].txt`, `pip install "blockmem[peers]"`): rich markup
+    must neither eat them nor crash on one that looks like a closing tag."""
+    result = invoke(["run", "-m", model_dir, "-f", "/no/such/[draft] notes[/b].txt", "-q", "x"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "/no/such/[draft] notes[/b].txt" in result.stderr
+    command, checked = typer.main.get_command(app), 0
+    for name, sub in command.commands.items():
+        for param in getattr(sub, "params", []):
+            text = (getattr(param, "help", None) or "").replace("\\[", "[")  # as written, markup escapes undone
+            for word in re.findall(r"\w\[\w+\]", text):
+                checked += 1
+                shown = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "400"}).output
+                assert word in shown, f"{name} --help lost {word!r} of {param.name}"
+    assert checked  # eval's --peers names "blockmem[peers]"
+
+
 def test_chat_session(model_dir) -> None:
     result = invoke(["chat", "-m", model_dir, "-n", "4"], stdin="hello\n/reset\nagain\n/exit\n")
     assert result.exit_code == 0, result.output

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from blockmem.errors import ConfigError
@@ -21,7 +22,7 @@ Methods = Annotated[str, typer.Option(help="blockmem methods, comma-separated, e
                                       "(name=value items belong to the method before them).")]
 Peers = Annotated[str | None, typer.Option(help="Peers on the same weights and prompts: transformers, llamacpp, "
                                            "kvpress (= kvpress:streaming,kvpress:snapkv,kvpress:knorm) or "
-                                           "kvpress:PRESS@RATIO. Needs pip install \"blockmem[peers]\".")]
+                                           "kvpress:PRESS@RATIO. Needs pip install \"blockmem\\[peers]\".")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads for every system (default: torch's choice).")]
 Dtype = Annotated[str, typer.Option(help="blockmem's compute dtype: float32, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option(help="blockmem's device: cpu, cuda, auto.")]
@@ -133,7 +134,7 @@ def _eval(*, tasks: str, lengths: str, methods: str, peers: str | None, samples:
         def on_group(system: str, length: int, count: int) -> None:
             nonlocal already
             already -= count
-            progress.update(bar, description=f"{system} @ {length // 1024 if length >= 1024 else length}"
+            progress.update(bar, description=f"{escape(system)} @ {length // 1024 if length >= 1024 else length}"
                             f"{'K' if length >= 1024 else ''}", completed=max(0, already))
 
         def on_record(record: dict) -> None:
@@ -144,9 +145,9 @@ def _eval(*, tasks: str, lengths: str, methods: str, peers: str | None, samples:
         failures = run_eval(plan, on_record, on_group)
     records = [r for r in read_records(out) if r.get("model") == plan.model_name() and r.get("seed") == seed]
     sys.stdout.write(summary_table(records) + "\n")
-    err.print(f"results: {out} (blockmem report {out} --out DIR: tables and plots)")
+    err.print(escape(f"results: {out} (blockmem report {out} --out DIR: tables and plots)"))
     for failure in failures:
-        err.print(f"[red]failed:[/red] {failure}")
+        err.print(f"[red]failed:[/red] {escape(str(failure))}")
     if failures:
         raise typer.Exit(1)
 
@@ -200,11 +201,11 @@ def _bench(*, lengths: str, methods: str, peers: str | None, baseline: str, new_
                         console=err)
     bar = progress.add_task("bench", total=len(plan.lengths) * len(systems) * reps)
     with progress:
-        run_id = run_bench(plan, lambda label: progress.update(bar, description=label),
+        run_id = run_bench(plan, lambda label: progress.update(bar, description=escape(label)),
                            lambda record: progress.advance(bar))
     records = [r for r in read_records(out) if r.get("run") == run_id]
     sys.stdout.write(ratio_table(records, baseline) + "\n")
-    err.print(f"results: {out}")
+    err.print(escape(f"results: {out}"))
 
 
 def report_command(
@@ -241,4 +242,4 @@ def _report(results: list[Path], out: Path, baseline: str, plots: bool, samples:
     markdown, files = write_report(records, out, baseline, plots, sources=[str(p) for p in results],
                                    samples=samples)
     sys.stdout.write(markdown + "\n")
-    err.print(f"wrote {', '.join(str(f) for f in files)}")
+    err.print(escape(f"wrote {', '.join(str(f) for f in files)}"))
