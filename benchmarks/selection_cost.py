@@ -4,7 +4,8 @@
 
 For each memory size, one layer of SmolLM2's shape (9 query heads, 3 KV heads, head dim 64) with
 random block summaries; times the method's `select` for a prefill piece (`--rows` queries, default
-InfLLM's 512) and for a decode step (1 query), and, for scale, attention of the same queries over
+InfLLM's 512) and for a decode step after it (1 query; a method that holds a piece's pick for
+the steps, `infllm --pooled-hold`, reuses it), and, for scale, attention of the same queries over
 the method's budget of keys. Methods and attention are timed in the same run, alternating, on
 `--threads` threads; medians of `--reps`. Summaries are random: this measures cost, not choices.
 """
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from blockmem.attention import create_method
 from blockmem.attention.base import LayerSpec
+from blockmem.attention.sparse import Held
 from blockmem.eval.passkey import parse_length
 from blockmem.eval.systems import parse_method, split_methods
 
@@ -68,10 +70,10 @@ def main() -> None:
         for spec, method in methods:
             store = Summaries(method, tokens // method.block_size)
             keys = torch.randn(1, SPEC.num_kv_heads, method.budget(), SPEC.head_dim)
-            cells = []
+            cells, held = [], Held()  # the piece's pick, held for the step by methods that keep one
             for rows in (args.rows, 1):
                 q = torch.randn(1, SPEC.num_heads, rows, SPEC.head_dim)
-                cells.append(median_ms(lambda: method.select(q, store, SPEC, tokens), args.reps))
+                cells.append(median_ms(lambda: method.select(q, store, SPEC, tokens, held), args.reps))
             attention = []
             for rows in (args.rows, 1):
                 q = torch.randn(1, SPEC.num_heads, rows, SPEC.head_dim)

@@ -71,6 +71,11 @@ PoolStride = Annotated[int | None, typer.Option(help="blocksparse/nosa: stride b
 PooledRows = Annotated[int | None, typer.Option(help="blocksparse/nosa, infllm with --pooled-fraction: only a "
                                                 "piece's last N queries score pooled keys (default: all). Far "
                                                 "cheaper; a question ending the prompt then chooses for its piece.")]
+PooledHold = Annotated[bool | None, typer.Option("--pooled-hold/--pooled-per-step", help="infllm with "
+                                                 "--pooled-fraction: decode steps keep the blocks the prompt's last "
+                                                 "piece chose by pooled keys instead of scoring every pooled key per "
+                                                 "token (cheaper at long contexts). Default: per step.",
+                                                 show_default=False)]
 Agnostic = Annotated[float | None, typer.Option(help="nosa: share of the blocks chosen without the query.")]
 Importance = Annotated[str | None, typer.Option(help="nosa: query-agnostic importance, mass or vnorm.")]
 Chunk = Annotated[int | None, typer.Option("--chunk-size", help="Prefill chunk in tokens: bounds memory per step. "
@@ -92,7 +97,7 @@ System = Annotated[str | None, typer.Option(help="System prompt for chat models.
 
 METHOD_OPTIONS = ("block_size", "topk", "n_init", "n_local", "position", "repr_keys", "per_head", "pooled_fraction",
                   "switch_length", "pool_kernel", "pool_stride", "agnostic_fraction", "importance", "exec_size",
-                  "last_alone", "pooled_rows")
+                  "last_alone", "pooled_rows", "pooled_hold")
 
 
 def _method_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -198,8 +203,8 @@ def run(
     pooled_fraction: PooledFraction = None, switch_length: Switch = None, pool_kernel: PoolKernel = None,
     pool_stride: PoolStride = None, agnostic_fraction: Agnostic = None, importance: Importance = None,
     exec_size: ExecSize = None, last_alone: LastAlone = None, pooled_rows: PooledRows = None,
-    chunk_size: Chunk = None, ram_budget: RamBudget = None, device_budget: DeviceBudget = None,
-    spill_dir: SpillDir = None, storage_dtype: StorageDtype = None, keep_important: KeepImportant = False,
+    pooled_hold: PooledHold = None, chunk_size: Chunk = None, ram_budget: RamBudget = None,
+    device_budget: DeviceBudget = None, spill_dir: SpillDir = None, storage_dtype: StorageDtype = None, keep_important: KeepImportant = False,
     threads: Threads = None, dtype: Dtype = "float32", device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, stats, method settings and "
                                           "selection telemetry) instead of streaming.")] = False,
@@ -378,7 +383,7 @@ def memory_build(
     pooled_fraction: PooledFraction = None, switch_length: Switch = None,
     pool_kernel: PoolKernel = None, pool_stride: PoolStride = None, agnostic_fraction: Agnostic = None,
     importance: Importance = None, exec_size: ExecSize = None, last_alone: LastAlone = None,
-    pooled_rows: PooledRows = None, chunk_size: Chunk = None,
+    pooled_rows: PooledRows = None, pooled_hold: PooledHold = None, chunk_size: Chunk = None,
     ram_budget: RamBudget = None, spill_dir: SpillDir = None, storage_dtype: StorageDtype = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: questions continue the text as "
                                       "'Question: ... Answer:'.")] = False,

@@ -194,11 +194,13 @@ def test_models_lists_catalog() -> None:
 def test_method_options_reach_the_method_and_foreign_ones_are_refused(model_dir) -> None:
     result = invoke(["run", "-m", model_dir, "-n", "2", "--json", "--raw", "--method", "infllm", "--block-size", "8",
                      "--topk", "2", "--n-init", "4", "--n-local", "16", "--exec-size", "16", "--position", "compacted",
-                     "--last-alone", "--pooled-fraction", "0.5", "--pooled-rows", "16", "hello " * 40])
+                     "--last-alone", "--pooled-fraction", "0.5", "--pooled-rows", "16", "--pooled-hold",
+                     "hello " * 40])
     assert result.exit_code == 0, result.output
     settings = json.loads(result.stdout)["method"]
     assert (settings["method"], settings["block_size"], settings["topk"], settings["exec_size"]) == ("infllm", 8, 2, 16)
     assert settings["position"] == "compacted" and settings["effective_budget"] == 4 + 16 + 2 * 8
     assert settings["last_alone"] is True and settings["pooled_fraction"] == 0.5 and settings["pooled_rows"] == 16
+    assert settings["pooled_hold"] is True
     refused = invoke(["run", "-m", model_dir, "--method", "dense", "--exec-size", "16", "hi"])
     assert refused.exit_code == 2 and "--exec-size does not apply to the dense method" in refused.stderr

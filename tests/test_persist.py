@@ -50,7 +50,9 @@ def _build(model, path: Path, docs=(DOC_A, DOC_B), method: str = "infllm", **kw)
     return SavedMemory.build(model, list(docs), path, _method(method), prefill_chunk=32, **kw)
 
 
-@pytest.mark.parametrize("name", ["infllm", "infllm:pooled_fraction=0.5,pooled_rows=4", "blocksparse", "nosa", "quest", "streaming"])
+@pytest.mark.parametrize("name", ["infllm", "infllm:pooled_fraction=0.5,pooled_rows=4",
+                                  "infllm:pooled_fraction=0.5,pooled_rows=4,pooled_hold=true", "blocksparse", "nosa",
+                                  "quest", "streaming"])
 def test_reopened_memory_computes_what_the_in_process_one_does(tiny_llama, tmp_path, name) -> None:
     memory = _build(tiny_llama, tmp_path / "m.bmem", method=name)
     # In process: the same documents through a live cache, read caches settled after each.

@@ -11,7 +11,7 @@ import torch
 import blockmem
 from blockmem.attention import METHODS, create_method
 from blockmem.attention.base import LayerSpec
-from blockmem.attention.sparse import Position, SparseLayer, top_blocks
+from blockmem.attention.sparse import Held, Position, SparseLayer, top_blocks
 from blockmem.attention.telemetry import Telemetry
 from blockmem.config import RopeConfig
 from blockmem.errors import ConfigError
@@ -351,6 +351,51 @@ def test_pooled_rows_let_a_pieces_last_queries_score_pooled_keys(name: str) -> N
             create_method(name, pooled_rows=16)  # no block is chosen by pooled keys
     with pytest.raises(ConfigError, match="pooled-rows"):
         create_method(name, **dict(options, pooled_rows=0))
+
+
+def test_pooled_hold_keeps_a_prefill_pieces_pooled_pick_for_decode_steps() -> None:
+    """A prefill piece along a picks block 1 by pooled keys and holds it; a decode step along b then
+    reads block 1 again where scoring afresh would pick block 4. The representative half is still
+    chosen by the step itself."""
+    options = dict(n_init=0, n_local=8, block_size=8, topk=1, switch_length=0, position="infllm", pooled_fraction=1.0)
+    a, b = torch.eye(8)[0], torch.eye(8)[1]
+    keys = torch.randn(1, 2, 48, 8, generator=torch.Generator().manual_seed(3)) * 0.05
+    keys[:, :, 8:16], keys[:, :, 32:40] = a * 3, b * 3  # block 1 answers a, block 4 answers b
+    piece, step = a.expand(1, 4, 6, 8), b.expand(1, 4, 1, 8)
+    picks = {}
+    for hold in (False, True):
+        layer, rotary, spec = _layer("infllm", pooled_hold=hold, **options)
+        _feed(layer, rotary, keys, torch.randn(1, 2, 48, 8), chunk=8)
+        store, held = layer.memory.store, Held()
+        picks[hold] = [layer.method.select(q, store, spec, 48, held).tolist() for q in (piece, step, step)]
+        assert layer.method.select(step, store, spec, 48, Held()).tolist() == [[4], [4]]  # nothing held: scored
+    assert picks == {False: [[[1], [1]], [[4], [4]], [[4], [4]]], True: [[[1], [1]]] * 3}
+    layer, rotary, spec = _layer("infllm", pooled_hold=True, **dict(options, topk=2, pooled_fraction=0.5))
+    _feed(layer, rotary, keys, torch.randn(1, 2, 48, 8), chunk=8)
+    held = Held()
+    layer.method.select(piece, layer.memory.store, spec, 48, held)
+    assert layer.method.select(step, layer.memory.store, spec, 48, held).tolist() == [[1, 4], [1, 4]]
+    with pytest.raises(ConfigError, match="--pooled-fraction"):
+        create_method("infllm", pooled_hold=True)  # no block is chosen by pooled keys
+
+
+def test_pooled_hold_changes_decode_steps_only(tiny) -> None:
+    """Prefill reads what it did without the option; decode steps reuse the last piece's pick, which
+    is dropped when the cache settles."""
+    model = blockmem.load(tiny.get("llama")[0], device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 140), generator=torch.Generator().manual_seed(9))
+    options = dict(SMALL, topk=2, exec_size=16, switch_length=0, pooled_fraction=0.5, pooled_rows=1)
+    per_step = run(model, create_method("infllm", **options), ids, chunk=50, decode=40)
+    held = run(model, create_method("infllm", pooled_hold=True, **options), ids, chunk=50, decode=40)
+    assert torch.equal(held[:, :100], per_step[:, :100])
+    assert (held[:, 100:] - per_step[:, 100:]).abs().max().item() > 1e-3  # steps kept other blocks somewhere
+    engine = blockmem.Engine(model, create_method("infllm", pooled_hold=True, **options))
+    cache = engine.new_cache()
+    with torch.inference_mode():
+        model.decoder(ids[:, :100], cache, Logits.ALL)
+        assert any(layer._held.blocks is not None for layer in cache.layers)
+        cache.settle()
+        assert all(layer._held.blocks is None for layer in cache.layers)
 
 
 @pytest.mark.parametrize("name", ["infllm", "blocksparse"])

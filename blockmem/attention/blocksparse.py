@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from blockmem.attention.base import LayerSpec
-from blockmem.attention.sparse import SparseMethod, grouped_queries, top_blocks
+from blockmem.attention.sparse import Held, SparseMethod, grouped_queries, top_blocks
 from blockmem.errors import ConfigError
 from blockmem.memory.store import BlockStore
 
@@ -50,7 +50,8 @@ class BlockSparseMethod(SparseMethod):
         """[Hkv, blocks]: summed per-query probability of each block's best sub-block."""
         return pooled_scores(q, store.summary("pooled"), self.pooled_rows, spec.scale)
 
-    def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
+    def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int,
+               held: Held | None = None) -> torch.Tensor:
         return top_blocks(self.block_scores(q, store, spec), self.topk)
 
 

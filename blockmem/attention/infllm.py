@@ -10,7 +10,8 @@ import torch
 
 from blockmem.attention.base import LayerSpec
 from blockmem.attention.blocksparse import check_pooled_rows, pool_keys, pooled_scores
-from blockmem.attention.sparse import Position, SparseMethod, grouped_queries, top_blocks, top_blocks_besides
+from blockmem.attention.sparse import (Held, Position, SparseMethod, grouped_queries, top_blocks,
+                                       top_blocks_besides)
 from blockmem.errors import ConfigError
 from blockmem.memory.store import BlockStore
 
@@ -32,7 +33,10 @@ class InfLLMMethod(SparseMethod):
     the queries and, unless per head, the heads), the rest by representatives among the other
     blocks. Representatives find a needle in repeated filler, pooled keys one in prose
     (docs/methods.md); 0 (default) is InfLLM as published. `pooled_rows`: only a piece's last
-    queries score pooled keys (representatives, a cheap linear score, always sum the whole piece)."""
+    queries score pooled keys (representatives, a cheap linear score, always sum the whole piece).
+    `pooled_hold`: decode steps keep the pooled blocks the prompt's last piece chose (its question,
+    with `pooled_rows`) instead of scoring every pooled key again per token, which costs memory
+    traffic in proportion to the context; the representative half is still chosen per step."""
 
     name: ClassVar[str] = "infllm"
     needs_scores: ClassVar[bool] = True
@@ -42,6 +46,7 @@ class InfLLMMethod(SparseMethod):
     switch_length: int | None = None
     pooled_fraction: float = 0.0
     pooled_rows: int | None = None
+    pooled_hold: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,6 +59,9 @@ class InfLLMMethod(SparseMethod):
         if self.pooled_rows is not None and not self.pooled_fraction:
             raise ConfigError("infllm: pooled-rows applies to the blocks chosen by pooled keys, and there are none",
                               "add --pooled-fraction (e.g. 0.5), or leave --pooled-rows out")
+        if self.pooled_hold and not self.pooled_fraction:
+            raise ConfigError("infllm: pooled-hold keeps the blocks chosen by pooled keys, and there are none",
+                              "add --pooled-fraction (e.g. 0.5), or leave --pooled-hold out")
 
     def summarize(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         best = torch.argsort(-scores, dim=-1, stable=True)[:, : self.repr_keys]  # [Hkv, r]
@@ -64,7 +72,8 @@ class InfLLMMethod(SparseMethod):
             summaries["pooled"] = pool_keys(keys, kernel, max(1, kernel // 2))
         return summaries
 
-    def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
+    def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int,
+               held: Held | None = None) -> torch.Tensor:
         reps = store.summary("repr")  # [Hkv, blocks, D]
         rows = grouped_queries(q, spec.num_kv_heads).float()  # [Hkv, G*T, D]
         query = rows.sum(dim=1, keepdim=True)  # [Hkv, 1, D]
@@ -74,9 +83,21 @@ class InfLLMMethod(SparseMethod):
             scores = scores.sum(dim=0, keepdim=True)
         pooled_k = round(self.topk * self.pooled_fraction)
         if pooled_k:
-            pooled = pooled_scores(q, store.summary("pooled"), self.pooled_rows, spec.scale)  # [Hkv, blocks]
-            first = top_blocks(pooled if self.per_head else pooled.sum(dim=0, keepdim=True), pooled_k)
+            first = self._pooled_pick(q, store, spec, pooled_k, held)
             chosen = top_blocks_besides(first, scores, self.topk - pooled_k)
         else:
             chosen = top_blocks(scores, self.topk)
         return chosen.expand(spec.num_kv_heads, -1)
+
+    def _pooled_pick(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, k: int,
+                     held: Held | None) -> torch.Tensor:
+        """The k blocks by pooled keys, [Hkv or 1, k]. With `pooled_hold` a decode step (one
+        query) reuses the pick of the piece before it; a prefill piece scores and holds its own."""
+        keep = self.pooled_hold and held is not None
+        if keep and q.shape[2] == 1 and held.blocks is not None:
+            return held.blocks
+        pooled = pooled_scores(q, store.summary("pooled"), self.pooled_rows, spec.scale)  # [Hkv, blocks]
+        first = top_blocks(pooled if self.per_head else pooled.sum(dim=0, keepdim=True), k)
+        if keep:
+            held.blocks = first
+        return first

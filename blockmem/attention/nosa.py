@@ -10,7 +10,7 @@ import torch
 
 from blockmem.attention.base import LayerSpec
 from blockmem.attention.blocksparse import BlockSparseMethod
-from blockmem.attention.sparse import top_blocks, top_blocks_besides
+from blockmem.attention.sparse import Held, top_blocks, top_blocks_besides
 from blockmem.errors import ConfigError
 from blockmem.memory.store import BlockStore
 
@@ -50,7 +50,8 @@ class NosaMethod(BlockSparseMethod):
             return []
         return sorted(set(top_blocks(store.summary("importance"), agnostic_k).flatten().tolist()))
 
-    def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
+    def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int,
+               held: Held | None = None) -> torch.Tensor:
         agnostic_k = round(self.topk * self.agnostic_fraction)
         agnostic = top_blocks(store.summary("importance"), agnostic_k)  # [Hkv, a]
         return top_blocks_besides(agnostic, self.block_scores(q, store, spec), self.topk - agnostic_k)

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from blockmem.attention.base import LayerSpec
-from blockmem.attention.sparse import SparseMethod, grouped_queries, top_blocks
+from blockmem.attention.sparse import Held, SparseMethod, grouped_queries, top_blocks
 from blockmem.memory.store import BlockStore
 
 
@@ -28,7 +28,8 @@ class QuestMethod(SparseMethod):
     def summarize(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"kmin": keys.float().amin(dim=1), "kmax": keys.float().amax(dim=1)}  # [Hkv, D] each
 
-    def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
+    def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int,
+               held: Held | None = None) -> torch.Tensor:
         rows = grouped_queries(q, spec.num_kv_heads).float()  # [Hkv, G*T, D]
         positive, negative = rows.clamp(min=0).sum(dim=1), rows.clamp(max=0).sum(dim=1)  # [Hkv, D]
         bound = (torch.einsum("hd,hnd->hn", positive, store.summary("kmax"))

@@ -44,6 +44,15 @@ class Position(enum.Enum):
     COMPACTED = "compacted"  # sinks, selected blocks and window renumbered contiguously
 
 
+@dataclass
+class Held:
+    """Blocks a layer's selection keeps from one step to the next: a pick made by a prefill piece
+    that the decode steps after it reuse instead of scoring again (`infllm --pooled-hold`). The
+    layer empties it when it settles, so a reopened memory selects as the in-process one does."""
+
+    blocks: torch.Tensor | None = None  # [Hkv or 1, k]
+
+
 @dataclass(frozen=True)
 class SparseMethod(AttentionMethod):
     """Common options. Subclasses add theirs and say in their docstring what they read."""
@@ -131,10 +140,13 @@ class SparseMethod(AttentionMethod):
         return []
 
     @abstractmethod
-    def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
+    def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int,
+               held: Held | None = None) -> torch.Tensor:
         """Block ids to read: [Hkv, k], sorted per head. q: [1, Hq, T, D], rotated as the memory
-        part will see it; `length`: tokens in the sequence so far. Only called when the store
-        holds more than `topk` blocks, at or past the switch length."""
+        part will see it; `length`: tokens in the sequence so far; `held`: the layer's picks kept
+        between steps (None: keep nothing). Only called when the store holds more than `topk`
+        blocks, at or past the switch length."""
+
 
 
 def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -225,10 +237,13 @@ class SparseLayer(LayerCache):
         self.memory = LayerMemory(spec.num_kv_heads, spec.head_dim, method.n_init, method.n_local, method.block_size,
                                   store, device, dtype)
         self._working: WorkingSet | None = None
+        self._held = Held()
 
     def settle(self) -> None:
-        """Drop the working set (a cache of selected blocks); the next step gathers afresh."""
+        """Drop the working set (a cache of selected blocks) and any held pick; the next step
+        gathers and selects afresh."""
         self._working = None
+        self._held = Held()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary, start: int) -> torch.Tensor:
         if q.shape[0] != 1:
@@ -395,7 +410,7 @@ class SparseLayer(LayerCache):
         heads = self.spec.num_kv_heads
         if store.num_blocks <= self.method.topk or length < self.method.switch_length:
             return torch.arange(store.num_blocks, device=q_memory.device).expand(heads, -1)
-        return self.method.select(q_memory, store, self.spec, length)
+        return self.method.select(q_memory, store, self.spec, length, self._held)
 
     def _score_window(self, q_true: torch.Tensor, lse: torch.Tensor, start: int) -> None:
         """Add the attention mass this chunk's queries gave the window tokens about to leave."""

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from blockmem.attention.base import LayerSpec
-from blockmem.attention.sparse import Position, SparseMethod
+from blockmem.attention.sparse import Held, Position, SparseMethod
 from blockmem.memory.store import BlockStore
 
 
@@ -26,5 +26,6 @@ class StreamingMethod(SparseMethod):
     def summarize(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
 
-    def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int) -> torch.Tensor:
+    def select(self, q: torch.Tensor, store: BlockStore, spec: LayerSpec, length: int,
+               held: Held | None = None) -> torch.Tensor:
         raise AssertionError("streaming keeps no blocks to select")
