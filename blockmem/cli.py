@@ -62,19 +62,20 @@ PerHead = Annotated[bool | None, typer.Option("--per-head/--shared", help="infll
                                               "instead of one per layer.", show_default=False)]
 PooledFraction = Annotated[float | None, typer.Option(help="infllm: share of the blocks chosen by mean-pooled keys "
                                                      "(InfLLM-V2's score, better on prose) instead of "
-                                                     "representative keys (better on repeated text). Default 0.")]
+                                                     "representative keys (better on repeated text). Default 0.5; "
+                                                     "0 is InfLLM's representatives alone.")]
 Switch = Annotated[int | None, typer.Option(help="Block methods: read every block at its true position (dense) "
                                             "below this many tokens. Default: blocksparse/nosa 4096; infllm: dense "
                                             "for a prompt its budget covers, else 0 (InfLLM); others 0.")]
 PoolKernel = Annotated[int | None, typer.Option(help="blocksparse/nosa: tokens per pooled sub-block.")]
 PoolStride = Annotated[int | None, typer.Option(help="blocksparse/nosa: stride between pooled sub-blocks.")]
-PooledRows = Annotated[int | None, typer.Option(help="blocksparse/nosa, infllm with --pooled-fraction: only a "
-                                                "piece's last N queries score pooled keys (default: all). Far "
-                                                "cheaper; a question ending the prompt then chooses for its piece.")]
-PooledHold = Annotated[bool | None, typer.Option("--pooled-hold/--pooled-per-step", help="infllm with "
-                                                 "--pooled-fraction: decode steps keep the blocks the prompt's last "
-                                                 "piece chose by pooled keys instead of scoring every pooled key per "
-                                                 "token (cheaper at long contexts). Default: per step.",
+PooledRows = Annotated[int | None, typer.Option(help="blocksparse/nosa/infllm: only a piece's last N queries score "
+                                                "pooled keys (default: infllm 16, the others all). Far cheaper; a "
+                                                "question ending the prompt then chooses for its piece.")]
+PooledHold = Annotated[bool | None, typer.Option("--pooled-hold/--pooled-per-step", help="infllm: "
+                                                 "decode steps keep the blocks the prompt's last piece chose by pooled "
+                                                 "keys instead of scoring every pooled key per token (cheaper at long "
+                                                 "contexts). Default: hold.",
                                                  show_default=False)]
 Agnostic = Annotated[float | None, typer.Option(help="nosa: share of the blocks chosen without the query.")]
 Importance = Annotated[str | None, typer.Option(help="nosa: query-agnostic importance, mass or vnorm.")]
@@ -104,6 +105,16 @@ def _method_options(values: dict[str, Any]) -> dict[str, Any]:
     """The method options a command was given, by name (a command's `locals()`); options left
     unset keep the method's default. `run` and `memory build` share this list."""
     return {name: values[name] for name in METHOD_OPTIONS if values[name] is not None}
+
+
+def _refuse_idle(method: Any, options: dict[str, Any]) -> None:
+    """Refuse options a user gave that would change nothing: the pooled half's settings when
+    --pooled-fraction 0 leaves no block to pooled keys (InfLLM's representatives alone)."""
+    idle = [name for name in ("pooled_rows", "pooled_hold") if name in options]
+    if idle and getattr(method, "pooled_fraction", None) == 0:
+        flags = " and ".join("--" + name.replace("_", "-") for name in idle)
+        raise ConfigError(f"{flags} shape the blocks chosen by pooled keys, and --pooled-fraction 0 leaves none",
+                          "leave them out, or give --pooled-fraction above 0")
 
 
 def _friendly(fn: F) -> F:
@@ -144,6 +155,7 @@ def _setup(model: str | None, dtype: str, device: str, threads: int | None, meth
     from blockmem.engine import Engine
 
     chosen = create_method(method or "dense", **(options or {}))
+    _refuse_idle(chosen, options or {})
     return Engine(_load(model, dtype, device, threads), method=chosen, prefill_chunk=chunk, tiers=tiers)
 
 
@@ -404,6 +416,7 @@ def memory_build(
     docs = documents_from_files(documents)
     options = _method_options(locals())
     chosen = create_method(method, **options)
+    _refuse_idle(chosen, options)
     tiers = _tier_config(ram_budget, None, spill_dir, storage_dtype, False)
     loaded = _load(model, dtype, device, threads)
     progress, update = _progress("reading")

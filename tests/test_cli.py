@@ -204,3 +204,5 @@ def test_method_options_reach_the_method_and_foreign_ones_are_refused(model_dir)
     assert settings["pooled_hold"] is True
     refused = invoke(["run", "-m", model_dir, "--method", "dense", "--exec-size", "16", "hi"])
     assert refused.exit_code == 2 and "--exec-size does not apply to the dense method" in refused.stderr
+    idle = invoke(["run", "-m", model_dir, "--method", "infllm", "--pooled-fraction", "0", "--pooled-rows", "8", "hi"])
+    assert idle.exit_code == 2 and "--pooled-rows shape the blocks chosen by pooled keys" in idle.stderr

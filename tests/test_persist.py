@@ -222,17 +222,47 @@ def test_other_model_tokenizer_and_dtype_are_refused(tiny, tiny_llama, saved, tm
         SavedMemory.open(saved, blockmem.load(tiny.get("llama")[0], device="cpu", dtype="bfloat16"))
 
 
+def _edit_method_options(path: Path, edit) -> None:
+    """Rewrite a memory's header with `edit` applied to its method options, as an older blockmem
+    would have written it (the header's checksum recomputed)."""
+    data = bytearray(path.read_bytes())
+    size = struct.unpack("<Q", data[8:16])[0]
+    header = json.loads(data[48:48 + size])
+    edit(header["method"]["options"])
+    text = json.dumps(header).encode().ljust(size)
+    data[16:48], data[48:48 + size] = hashlib.sha256(text).digest(), text
+    path.write_bytes(bytes(data))
+
+
 def test_memories_from_before_switch_lengths_open_as_built(tiny_llama, saved) -> None:
     """A header written before infllm, quest and streaming had `switch_length` opens as what it
     was built as: no stored block read densely."""
-    data = bytearray(saved.read_bytes())
-    size = struct.unpack("<Q", data[8:16])[0]
-    header = json.loads(data[48:48 + size])
-    assert header["method"]["options"].pop("switch_length") == 0
-    text = json.dumps(header).encode().ljust(size)
-    data[16:48], data[48:48 + size] = hashlib.sha256(text).digest(), text
-    saved.write_bytes(bytes(data))
+    _edit_method_options(saved, lambda options: options.pop("switch_length"))
     assert SavedMemory.open(saved, tiny_llama).method.switch_length == 0
+
+
+@pytest.mark.parametrize("built, lacks, opens_as", [
+    ("infllm:pooled_fraction=0", ("pooled_fraction", "pooled_rows", "pooled_hold"), (0.0, None, False)),
+    ("infllm:pooled_fraction=0.5,pooled_rows=null,pooled_hold=false", ("pooled_rows", "pooled_hold"), (0.5, None, False)),
+    ("infllm:pooled_fraction=0.5,pooled_hold=false", ("pooled_hold",), (0.5, 4, False)),
+])
+def test_memories_from_before_pooled_options_open_as_built(tiny_llama, tmp_path, built, lacks, opens_as) -> None:
+    """infllm's defaults changed after memories were saved without these options: a header that
+    lacks them opens with the values it was built with (representatives alone before
+    pooled_fraction, every row before pooled_rows, a pooled score per step before pooled_hold),
+    computes what it did, and check_method compares against those values."""
+    path = tmp_path / "m.bmem"
+    memory = _build(tiny_llama, path, method=built if "pooled_rows" in built else built + ",pooled_rows=4")
+    expected = _logits_after(memory.engine, memory.restore(), memory.question_ids(QUESTION))
+    _edit_method_options(path, lambda options: [options.pop(name) for name in lacks])
+    reopened = SavedMemory.open(path, tiny_llama)
+    method = reopened.method
+    assert (method.pooled_fraction, method.pooled_rows, method.pooled_hold) == opens_as
+    got = _logits_after(reopened.engine, reopened.restore(), reopened.question_ids(QUESTION))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    check_method(reopened.header["method"], "infllm", {"pooled_hold": False})
+    with pytest.raises(MemoryFileError, match="built with --pooled-hold False, not True"):
+        check_method(reopened.header["method"], "infllm", {"pooled_hold": True})
 
 
 def test_changed_settings_are_refused(saved) -> None:

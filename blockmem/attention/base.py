@@ -91,6 +91,8 @@ class AttentionMethod(ABC):
     """A policy for keeping keys and choosing which ones each query reads."""
 
     name: ClassVar[str]
+    # options a saved memory's header may lack, with the values such a memory was built with
+    saved_before: ClassVar[dict[str, Any]] = {}
 
     @abstractmethod
     def new_cache(self, specs: list[LayerSpec], device: torch.device, dtype: torch.dtype,

@@ -4,7 +4,7 @@ fixed distance so a model reads far past its trained window without training."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -28,25 +28,29 @@ class InfLLMMethod(SparseMethod):
     By default (`switch_length=None`) a prompt the budget covers is read exactly as `dense` (see
     `SparseMethod.for_context`); `switch_length=0` is InfLLM as published.
 
-    `pooled_fraction` of the top-k are chosen instead by InfLLM-V2's score (`blocksparse`'s: each
-    query's softmax over the means of 32 keys every 16, max over a block's sub-blocks, summed over
-    the queries and, unless per head, the heads), the rest by representatives among the other
-    blocks. Representatives find a needle in repeated filler, pooled keys one in prose
-    (docs/methods.md); 0 (default) is InfLLM as published. `pooled_rows`: only a piece's last
-    queries score pooled keys (representatives, a cheap linear score, always sum the whole piece).
-    `pooled_hold`: decode steps keep the pooled blocks the prompt's last piece chose (its question,
-    with `pooled_rows`) instead of scoring every pooled key again per token, which costs memory
-    traffic in proportion to the context; the representative half is still chosen per step."""
+    `pooled_fraction` of the top-k (default half) are chosen instead by InfLLM-V2's score
+    (`blocksparse`'s: each query's softmax over the means of 32 keys every 16, max over a block's
+    sub-blocks, summed over the queries and, unless per head, the heads), the rest by
+    representatives among the other blocks: representatives find a needle in repeated filler,
+    pooled keys one in prose (docs/methods.md). `pooled_rows` (default 16): only a piece's last
+    queries score pooled keys, so a question ending the prompt chooses for its piece (None: every
+    query; representatives, a cheap linear score, always sum the whole piece). `pooled_hold`
+    (default on): decode steps keep the pooled blocks the prompt's last piece chose instead of
+    scoring every pooled key again per token, which costs memory traffic in proportion to the
+    context; the representative half is still chosen per step. Both shape the pooled half only.
+    `pooled_fraction=0, switch_length=0` is InfLLM as published."""
 
     name: ClassVar[str] = "infllm"
     needs_scores: ClassVar[bool] = True
+    # what memories saved before these options existed were built with (InfLLM's representatives alone)
+    saved_before: ClassVar[dict[str, Any]] = {"pooled_fraction": 0.0, "pooled_rows": None, "pooled_hold": False}
     position: Position | str = Position.INFLLM
     repr_keys: int = 4
     per_head: bool = False
     switch_length: int | None = None
-    pooled_fraction: float = 0.0
-    pooled_rows: int | None = None
-    pooled_hold: bool = False
+    pooled_fraction: float = 0.5
+    pooled_rows: int | None = 16
+    pooled_hold: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,12 +60,6 @@ class InfLLMMethod(SparseMethod):
             raise ConfigError(f"infllm: pooled-fraction must be in [0, 1], got {self.pooled_fraction}",
                               "0 selects by representative keys only (InfLLM), 1 by pooled keys only")
         check_pooled_rows(self.name, self.pooled_rows)
-        if self.pooled_rows is not None and not self.pooled_fraction:
-            raise ConfigError("infllm: pooled-rows applies to the blocks chosen by pooled keys, and there are none",
-                              "add --pooled-fraction (e.g. 0.5), or leave --pooled-rows out")
-        if self.pooled_hold and not self.pooled_fraction:
-            raise ConfigError("infllm: pooled-hold keeps the blocks chosen by pooled keys, and there are none",
-                              "add --pooled-fraction (e.g. 0.5), or leave --pooled-hold out")
 
     def summarize(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         best = torch.argsort(-scores, dim=-1, stable=True)[:, : self.repr_keys]  # [Hkv, r]

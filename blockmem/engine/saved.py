@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import blockmem
-from blockmem.attention import AttentionMethod, KVCache, create_method, method_options
+from blockmem.attention import METHODS, AttentionMethod, KVCache, create_method, method_options
 from blockmem.engine.generate import Completion, Engine, ProgressFn, Stream
 from blockmem.engine.sampler import SamplingParams
 from blockmem.errors import ConfigError, MemoryFileError
@@ -44,6 +44,12 @@ def _method_record(method: AttentionMethod) -> dict[str, Any]:
     return {"name": method.name, "options": options}
 
 
+def stored_options(stored: dict[str, Any]) -> dict[str, Any]:
+    """A header's method options, with those it predates at the values it was built with."""
+    kind = METHODS.get(stored["name"])
+    return {**(kind.saved_before if kind is not None else {}), **stored["options"]}
+
+
 def check_method(stored: dict[str, Any], method: str | None, options: dict[str, Any]) -> None:
     """Refuse a method or option that differs from the one a memory was built with."""
     if method is not None and method != stored["name"]:
@@ -52,7 +58,7 @@ def check_method(stored: dict[str, Any], method: str | None, options: dict[str, 
     for key, value in options.items():
         if value is None:
             continue
-        held = stored["options"].get(key)
+        held = stored_options(stored).get(key)
         if held != value:
             flag = "--" + key.replace("_", "-")
             raise MemoryFileError(f"the memory was built with {flag} {held}, not {value}",
@@ -65,8 +71,9 @@ class SavedMemory:
         header = file.header
         self.header = header
         stored = header["method"]
-        # a header from before a setting existed gets what it was built with: for_context(None)
-        self.method = create_method(stored["name"], **stored["options"]).for_context(None)
+        # a header from before a setting existed gets what it was built with: the method's
+        # `saved_before` values, and for_context(None) for infllm's switch length
+        self.method = create_method(stored["name"], **stored_options(stored)).for_context(None)
         storage = persist.DTYPES[header["storage_dtype"]]
         self.tiers = replace(tiers or TierConfig(), storage_dtype=storage)
         self.engine = Engine(model, self.method, prefill_chunk=header["prefill_chunk"], tiers=self.tiers)
