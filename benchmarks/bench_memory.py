@@ -228,9 +228,11 @@ def cmd_ttft(args: argparse.Namespace) -> None:
 
 
 def cmd_decode(args: argparse.Namespace) -> None:
+    from blockmem.eval.systems import split_methods
+
     rows = []
-    for method in args.methods.split(","):
-        path = args.workdir / f"decode-{method}.bmem"
+    for method in split_methods(args.methods):
+        path = args.workdir / f"decode-{method.replace(':', '-')}.bmem"
         step(args, "build", args.length, path, method=method, ram_budget=args.ram_budget)
         disk, ram = [], []
         for _ in range(args.reps):
@@ -334,7 +336,7 @@ def main() -> None:
     parser.add_argument("command", nargs="?", choices=["rss", "ttft", "decode", "passkey", "dtype"])
     parser.add_argument("--model", default="smollm2-135m", help="short name, .gguf path or HF directory")
     parser.add_argument("--method", default="infllm", help="method spec as in passkey.py, e.g. infllm:topk=8")
-    parser.add_argument("--methods", default="infllm,blocksparse,nosa", help="decode: comma-separated methods")
+    parser.add_argument("--methods", default="infllm,blocksparse,nosa", help="decode: methods, comma-separated (';' also separates, as in passkey.py)")
     parser.add_argument("--length", default="64k", help="ttft/decode/passkey: context length in model tokens")
     parser.add_argument("--lengths", default="32k,128k,256k", help="rss: comma-separated context lengths")
     parser.add_argument("--ram-budget", default=None, help="RAM budget for blocks, e.g. 256MB (rss: default 256MB)")
