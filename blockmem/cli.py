@@ -113,7 +113,8 @@ def _refuse_idle(method: Any, options: dict[str, Any]) -> None:
     idle = [name for name in ("pooled_rows", "pooled_hold") if name in options]
     if idle and getattr(method, "pooled_fraction", None) == 0:
         flags = " and ".join("--" + name.replace("_", "-") for name in idle)
-        raise ConfigError(f"{flags} shape the blocks chosen by pooled keys, and --pooled-fraction 0 leaves none",
+        verb = "shapes" if len(idle) == 1 else "shape"
+        raise ConfigError(f"{flags} {verb} the blocks chosen by pooled keys, and --pooled-fraction 0 leaves none",
                           "leave them out, or give --pooled-fraction above 0")
 
 

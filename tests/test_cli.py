@@ -205,4 +205,7 @@ def test_method_options_reach_the_method_and_foreign_ones_are_refused(model_dir)
     refused = invoke(["run", "-m", model_dir, "--method", "dense", "--exec-size", "16", "hi"])
     assert refused.exit_code == 2 and "--exec-size does not apply to the dense method" in refused.stderr
     idle = invoke(["run", "-m", model_dir, "--method", "infllm", "--pooled-fraction", "0", "--pooled-rows", "8", "hi"])
-    assert idle.exit_code == 2 and "--pooled-rows shape the blocks chosen by pooled keys" in idle.stderr
+    assert idle.exit_code == 2 and "--pooled-rows shapes the blocks chosen by pooled keys" in idle.stderr
+    both = invoke(["run", "-m", model_dir, "--method", "infllm", "--pooled-fraction", "0", "--pooled-rows", "8",
+                   "--pooled-hold", "hi"])
+    assert both.exit_code == 2 and "--pooled-rows and --pooled-hold shape the blocks" in both.stderr
