@@ -55,10 +55,11 @@ def check_method(stored: dict[str, Any], method: str | None, options: dict[str, 
     if method is not None and method != stored["name"]:
         raise MemoryFileError(f"the memory was built with --method {stored['name']}, not {method}",
                               f"leave --method out, or build a new memory with --method {method}")
+    built = stored_options(stored)
     for key, value in options.items():
         if value is None:
             continue
-        held = stored_options(stored).get(key)
+        held = built.get(key)
         if held != value:
             flag = "--" + key.replace("_", "-")
             raise MemoryFileError(f"the memory was built with {flag} {held}, not {value}",
