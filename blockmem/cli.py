@@ -107,22 +107,6 @@ def _method_options(values: dict[str, Any]) -> dict[str, Any]:
     return {name: values[name] for name in METHOD_OPTIONS if values[name] is not None}
 
 
-def _create_method(name: str, options: dict[str, Any]) -> Any:
-    """The method a command asked for, refusing options the user gave that would change nothing:
-    the pooled half's settings when --pooled-fraction 0 leaves no block to pooled keys (InfLLM's
-    representatives alone). The method itself cannot tell a given option from its default."""
-    from blockmem.attention import create_method
-
-    chosen = create_method(name, **options)
-    idle = [option for option in ("pooled_rows", "pooled_hold") if option in options]
-    if idle and getattr(chosen, "pooled_fraction", None) == 0:
-        flags = " and ".join("--" + option.replace("_", "-") for option in idle)
-        verb = "shapes" if len(idle) == 1 else "shape"
-        raise ConfigError(f"{flags} {verb} the blocks chosen by pooled keys, and --pooled-fraction 0 leaves none",
-                          "leave them out, or give --pooled-fraction above 0")
-    return chosen
-
-
 def _friendly(fn: F) -> F:
     """Turn user-fixable errors into one line on stderr and exit status 2."""
 
@@ -157,9 +141,10 @@ def _tier_config(ram_budget: str | None, device_budget: str | None, spill_dir: P
 
 def _setup(model: str | None, dtype: str, device: str, threads: int | None, method: str, chunk: int | None,
            options: dict[str, Any] | None = None, tiers: Any = None) -> Any:
+    from blockmem.attention import create_method
     from blockmem.engine import Engine
 
-    chosen = _create_method(method or "dense", options or {})
+    chosen = create_method(method or "dense", **(options or {}))
     return Engine(_load(model, dtype, device, threads), method=chosen, prefill_chunk=chunk, tiers=tiers)
 
 
@@ -410,6 +395,7 @@ def memory_build(
     """Read documents into a new saved memory (one prefill, then any number of questions)."""
     import time
 
+    from blockmem.attention import create_method
     from blockmem.engine.saved import SavedMemory, documents_from_files
 
     if output.exists() and not force:
@@ -418,7 +404,7 @@ def memory_build(
         raise ConfigError(f"name the memory NAME.bmem, not {output.name}")
     docs = documents_from_files(documents)
     options = _method_options(locals())
-    chosen = _create_method(method, options)
+    chosen = create_method(method, **options)
     tiers = _tier_config(ram_budget, None, spill_dir, storage_dtype, False)
     loaded = _load(model, dtype, device, threads)
     progress, update = _progress("reading")

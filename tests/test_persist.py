@@ -244,7 +244,7 @@ def test_memories_from_before_switch_lengths_open_as_built(tiny_llama, saved) ->
 @pytest.mark.parametrize("built, lacks, opens_as", [
     ("infllm:pooled_fraction=0", ("pooled_fraction", "pooled_rows", "pooled_hold"), (0.0, None, False)),
     ("infllm:pooled_fraction=0.5,pooled_rows=null,pooled_hold=false", ("pooled_rows", "pooled_hold"), (0.5, None, False)),
-    ("infllm:pooled_fraction=0.5,pooled_hold=false", ("pooled_hold",), (0.5, 4, False)),
+    ("infllm:pooled_fraction=0.5,pooled_rows=4,pooled_hold=false", ("pooled_hold",), (0.5, 4, False)),
 ])
 def test_memories_from_before_pooled_options_open_as_built(tiny_llama, tmp_path, built, lacks, opens_as) -> None:
     """infllm's defaults changed after memories were saved without these options: a header that
@@ -252,7 +252,7 @@ def test_memories_from_before_pooled_options_open_as_built(tiny_llama, tmp_path,
     pooled_fraction, every row before pooled_rows, a pooled score per step before pooled_hold),
     computes what it did, and check_method compares against those values."""
     path = tmp_path / "m.bmem"
-    memory = _build(tiny_llama, path, method=built if "pooled_rows" in built else built + ",pooled_rows=4")
+    memory = _build(tiny_llama, path, method=built)
     expected = _logits_after(memory.engine, memory.restore(), memory.question_ids(QUESTION))
     _edit_method_options(path, lambda options: [options.pop(name) for name in lacks])
     reopened = SavedMemory.open(path, tiny_llama)

@@ -483,6 +483,22 @@ def test_bad_options_are_refused(bad) -> None:
         create_method(options.pop("name"), **options)
 
 
+def test_idle_options_are_refused_not_ignored() -> None:
+    """An option given that would change nothing is an error from the Python API too, while a
+    saved header, which records every option, restores with its idle ones."""
+    from blockmem.attention import restore_method
+    from blockmem.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--pooled-rows shapes the blocks chosen by pooled keys") as one:
+        create_method("infllm", pooled_fraction=0, pooled_rows=8)
+    assert "--pooled-fraction above 0" in one.value.fix
+    with pytest.raises(ConfigError, match="--pooled-rows and --pooled-hold shape the blocks"):
+        create_method("infllm", pooled_fraction=0, pooled_rows=8, pooled_hold=True)
+    assert create_method("infllm", pooled_fraction=0.25, pooled_rows=8).pooled_rows == 8
+    header = {"pooled_fraction": 0.0, "pooled_rows": 16, "pooled_hold": True}
+    assert restore_method("infllm", header).pooled_fraction == 0.0
+
+
 def test_sparse_methods_accept_prompts_past_the_window(tiny) -> None:
     model = blockmem.load(tiny.get("llama")[0], device="cpu")
     limit = model.config.max_context

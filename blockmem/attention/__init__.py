@@ -29,7 +29,20 @@ def method_options(name: str) -> list[str]:
 
 
 def create_method(name: str, **options: Any) -> AttentionMethod:
-    """The method registered as `name`, built with its validated `options`."""
+    """The method registered as `name`, built with its validated `options`. Options given that
+    would change nothing (`AttentionMethod.idle_options`) are refused, not silently ignored."""
+    method = restore_method(name, options)
+    names, shaped, fix = method.idle_options()
+    idle = [key for key in options if key in names]
+    if idle:
+        flags = " and ".join("--" + key.replace("_", "-") for key in idle)
+        verb = "shapes" if len(idle) == 1 else "shape"
+        raise ConfigError(f"{flags} {verb} {shaped}", f"leave {'it' if len(idle) == 1 else 'them'} out, or {fix}")
+    return method
+
+
+def restore_method(name: str, options: dict[str, Any]) -> AttentionMethod:
+    """The method `name` with every option a saved header records, idle ones included."""
     if name not in METHODS:
         raise ConfigError(f"unknown attention method {name!r}", f"choose one of: {', '.join(METHODS)}")
     accepted = method_options(name)
@@ -42,4 +55,4 @@ def create_method(name: str, **options: Any) -> AttentionMethod:
 
 
 __all__ = ["AttentionMethod", "KVCache", "LayerCache", "LayerSpec", "METHODS", "Position", "SparseMethod",
-           "create_method", "method_options"]
+           "create_method", "method_options", "restore_method"]

@@ -111,6 +111,11 @@ class AttentionMethod(ABC):
         by the prompt's length."""
         return self
 
+    def idle_options(self) -> tuple[tuple[str, ...], str, str]:
+        """Options that change nothing given the others: their names, what they would shape, and
+        the fix. `create_method` refuses them when given; a saved header records them all."""
+        return (), "", ""
+
     def describe(self) -> dict[str, Any]:
         """The method's name and settings, for reports and `--json`."""
         return {"method": self.name}

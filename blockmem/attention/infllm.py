@@ -61,6 +61,12 @@ class InfLLMMethod(SparseMethod):
                               "0 selects by representative keys only (InfLLM), 1 by pooled keys only")
         check_pooled_rows(self.name, self.pooled_rows)
 
+    def idle_options(self) -> tuple[tuple[str, ...], str, str]:
+        if self.pooled_fraction == 0:
+            return (("pooled_rows", "pooled_hold"), "the blocks chosen by pooled keys, and --pooled-fraction 0 leaves none",
+                    "give --pooled-fraction above 0")
+        return (), "", ""
+
     def summarize(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         best = torch.argsort(-scores, dim=-1, stable=True)[:, : self.repr_keys]  # [Hkv, r]
         chosen = keys.gather(1, best[..., None].expand(-1, -1, keys.shape[-1]))  # [Hkv, r, D]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import blockmem
-from blockmem.attention import METHODS, AttentionMethod, KVCache, create_method, method_options
+from blockmem.attention import METHODS, AttentionMethod, KVCache, create_method, method_options, restore_method
 from blockmem.engine.generate import Completion, Engine, ProgressFn, Stream
 from blockmem.engine.sampler import SamplingParams
 from blockmem.errors import ConfigError, MemoryFileError
@@ -74,7 +74,7 @@ class SavedMemory:
         stored = header["method"]
         # a header from before a setting existed gets what it was built with: the method's
         # `saved_before` values, and for_context(None) for infllm's switch length
-        self.method = create_method(stored["name"], **stored_options(stored)).for_context(None)
+        self.method = restore_method(stored["name"], stored_options(stored)).for_context(None)
         storage = persist.DTYPES[header["storage_dtype"]]
         self.tiers = replace(tiers or TierConfig(), storage_dtype=storage)
         self.engine = Engine(model, self.method, prefill_chunk=header["prefill_chunk"], tiers=self.tiers)
