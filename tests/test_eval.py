@@ -503,3 +503,13 @@ def test_long_system_labels_wrap_after_commas_in_plot_titles() -> None:
     lines = wrap_label(label).split("\n")
     assert lines == ["blocksparse:position=infllm,", "exec_size=16,switch_length=0"]
     assert "".join(lines) == label and wrap_label("infllm") == "infllm"
+
+
+def test_plot_lines_look_different_past_ten_series() -> None:
+    """matplotlib's cycle has ten colours; the eleventh system of a bench report used to share the
+    first one's colour and marker."""
+    from blockmem.eval.plots import line_style
+
+    looks = {tuple(sorted(line_style(index).items())) for index in range(30)}
+    assert len(looks) == 30
+    assert line_style(10)["color"] == line_style(0)["color"] and line_style(10)["marker"] != line_style(0)["marker"]

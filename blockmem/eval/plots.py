@@ -93,14 +93,19 @@ def wrap_label(label: str, width: int = 34) -> str:
     return "\n".join(lines)
 
 
+def line_style(index: int) -> dict[str, Any]:
+    """The index-th series' look: ten colours, then the same colours with another marker and dash,
+    so that no two of up to 30 series look alike."""
+    return {"color": f"C{index % 10}", "marker": "osD"[index // 10 % 3], "linestyle": ("-", "--", ":")[index // 10 % 3]}
+
+
 def _lines(plt: Any, series: dict[str, list[tuple[int, float]]], ylabel: str, title: str, log_y: bool = False) -> Any:
     if not any(series.values()):
         return None
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for system, points in series.items():
-        if points:
-            points.sort()
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=system)
+    for index, (system, points) in enumerate((s, p) for s, p in series.items() if p):
+        points.sort()
+        axis.plot([p[0] for p in points], [p[1] for p in points], label=system, **line_style(index))
     lengths = sorted({p[0] for points in series.values() for p in points})
     axis.set_xscale("log", base=2)
     axis.set_xticks(lengths, [_k(n) for n in lengths])
@@ -111,7 +116,8 @@ def _lines(plt: Any, series: dict[str, list[tuple[int, float]]], ylabel: str, ti
     axis.set_ylabel(ylabel)
     axis.set_title(title)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    # beside the axes, not over the lines (saved with bbox_inches="tight", so the figure grows)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return figure
 
 
