@@ -407,6 +407,26 @@ def test_report_can_keep_the_first_samples_of_a_growing_file(tmp_path: Path) -> 
     assert refused.exit_code == 2 and "--samples must be at least 1" in refused.output
 
 
+def test_report_keeps_the_systems_asked_for_in_their_order(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from blockmem.cli import app
+
+    labels = ["dense", "infllm:pooled_fraction=0.5,pooled_rows=null", "kvpress:knorm@0.5"]
+    records = [{"task": "passkey", "system": label, "length": 4096, "index": 0, "score": score, "model": "m"}
+               for label, score in zip(labels, [1.0, 0.0, 0.5])]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    runner = CliRunner()
+    picked = runner.invoke(app, ["report", str(path), "--no-plots", "-o", str(tmp_path / "rep"),
+                                 "--systems", "kvpress:knorm@0.5,infllm:pooled_fraction=0.5,pooled_rows=null"])
+    assert picked.exit_code == 0, picked.output
+    assert "| task | kvpress:knorm@0.5 | infllm:pooled_fraction=0.5,pooled_rows=null |" in picked.stdout
+    assert "| passkey | 50.0 | 0.0 |" in picked.stdout and "dense" not in picked.stdout.split("## Accuracy")[1]
+    unknown = runner.invoke(app, ["report", str(path), "--no-plots", "-o", str(tmp_path / "x"), "--systems", "dense;quest"])
+    assert unknown.exit_code == 2 and "no records of quest" in unknown.output and "kvpress:knorm@0.5" in unknown.output
+
+
 def test_eval_then_report_end_to_end(long_tiny: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

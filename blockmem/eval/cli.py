@@ -217,18 +217,23 @@ def report_command(
     samples: Annotated[int | None, typer.Option(help="eval: report only samples 0..N-1 of each task and length, so "
                                                 "every system is scored on the same prompts while a file grows "
                                                 "(default: all).")] = None,
+    systems: Annotated[str | None, typer.Option(help="Only these systems, in this order, labelled as in the results: "
+                                                "'dense;infllm;transformers' (';' or ',' between them, as for "
+                                                "eval --methods). Default: every system.")] = None,
 ) -> None:
     """Markdown tables and PNG plots from eval and bench results files.
 
     Tables per task and length; plots: accuracy heatmap (length x depth), accuracy vs length,
     decode speed and peak memory vs length, perplexity by position."""
-    _friendly(_report)(results, out, baseline, plots, samples)
+    _friendly(_report)(results, out, baseline, plots, samples, systems)
 
 
-def _report(results: list[Path], out: Path, baseline: str, plots: bool, samples: int | None) -> None:
+def _report(results: list[Path], out: Path, baseline: str, plots: bool, samples: int | None,
+            systems: str | None = None) -> None:
     from blockmem.cli import err
     from blockmem.eval.report import first_samples, write_report
     from blockmem.eval.runner import read_records
+    from blockmem.eval.systems import split_methods
 
     if samples is not None and samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {samples}", "leave it out to report every sample")
@@ -240,6 +245,6 @@ def _report(results: list[Path], out: Path, baseline: str, plots: bool, samples:
     if not first_samples(records, samples):
         raise ConfigError("the results files hold no records", "run blockmem eval or blockmem bench first")
     markdown, files = write_report(records, out, baseline, plots, sources=[str(p) for p in results],
-                                   samples=samples)
+                                   samples=samples, systems=split_methods(systems) if systems else None)
     sys.stdout.write(markdown + "\n")
     err.print(escape(f"wrote {', '.join(str(f) for f in files)}"))

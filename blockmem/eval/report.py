@@ -46,6 +46,20 @@ def first_samples(records: list[Record], samples: int | None) -> list[Record]:
     return [r for r in records if "task" not in r or r.get("bench") or r["index"] < samples]
 
 
+def select_systems(records: list[Record], systems: list[str] | None) -> list[Record]:
+    """Records of `systems` only, the systems in that order (tables and legends follow the order in
+    which systems first appear); a label no record has is an error that lists those that are."""
+    if not systems:
+        return records
+    known = _ordered(r["system"] for r in records if "system" in r)
+    missing = [s for s in systems if s not in known]
+    if missing:
+        raise ConfigError(f"no records of {', '.join(missing)} in the results",
+                          f"--systems takes labels as written in the results: {'; '.join(known)}")
+    rank = {system: index for index, system in enumerate(systems)}
+    return sorted((r for r in records if r.get("system") in rank), key=lambda r: rank[r["system"]])
+
+
 def by_model(records: list[Record]) -> list[Record]:
     """Records of several models side by side: their systems become MODEL/SYSTEM."""
     if len({r.get("model") for r in records}) < 2:
@@ -213,10 +227,11 @@ def ratio_table(records: list[Record], baseline: str) -> str:
 
 
 def write_report(records: list[Record], out: Path, baseline: str, plots: bool,
-                 sources: list[str] | None = None, samples: int | None = None) -> tuple[str, list[Path]]:
+                 sources: list[str] | None = None, samples: int | None = None,
+                 systems: list[str] | None = None) -> tuple[str, list[Path]]:
     """report.md (and PNGs) in `out` from eval samples 0..samples-1 (default: all) and every bench
-    record; returns the markdown and the files written."""
-    records = by_model(first_samples(records, samples))
+    record, of `systems` only if given (in that order); returns the markdown and the files written."""
+    records = by_model(first_samples(select_systems(records, systems), samples))
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     images: list[tuple[str, Path]] = []
@@ -230,6 +245,8 @@ def write_report(records: list[Record], out: Path, baseline: str, plots: bool,
         parts += ["Results: " + ", ".join(f"`{s}`" for s in sources), ""]
     if samples is not None:
         parts += [f"Samples: the first {samples} of each task and length (`--samples {samples}`).", ""]
+    if systems:
+        parts += [f"Systems: {'; '.join(systems)} (`--systems`; the results may hold others).", ""]
     models = _ordered(r.get("model") for r in records if r.get("model"))
     if models:
         parts += [f"Model: {', '.join(models)}", ""]
