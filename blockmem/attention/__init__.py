@@ -28,6 +28,11 @@ def method_options(name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
 
 
+def option_flag(name: str) -> str:
+    """An option as the command line spells it: pooled_rows -> --pooled-rows."""
+    return "--" + name.replace("_", "-")
+
+
 def create_method(name: str, **options: Any) -> AttentionMethod:
     """The method registered as `name`, built with its validated `options`. Options given that
     would change nothing (`AttentionMethod.idle_options`) are refused, not silently ignored."""
@@ -35,7 +40,7 @@ def create_method(name: str, **options: Any) -> AttentionMethod:
     names, shaped, fix = method.idle_options()
     idle = [key for key in options if key in names]
     if idle:
-        flags = " and ".join("--" + key.replace("_", "-") for key in idle)
+        flags = " and ".join(map(option_flag, idle))
         verb = "shapes" if len(idle) == 1 else "shape"
         raise ConfigError(f"{flags} {verb} {shaped}", f"leave {'it' if len(idle) == 1 else 'them'} out, or {fix}")
     return method
@@ -48,11 +53,11 @@ def restore_method(name: str, options: dict[str, Any]) -> AttentionMethod:
     accepted = method_options(name)
     unknown = [key for key in options if key not in accepted]
     if unknown:
-        flags = ", ".join("--" + key.replace("_", "-") for key in unknown)
-        takes = ", ".join("--" + key.replace("_", "-") for key in accepted) or "no options"
+        flags = ", ".join(map(option_flag, unknown))
+        takes = ", ".join(map(option_flag, accepted)) or "no options"
         raise ConfigError(f"{flags} does not apply to the {name} method", f"{name} takes {takes}")
     return METHODS[name](**options)
 
 
 __all__ = ["AttentionMethod", "KVCache", "LayerCache", "LayerSpec", "METHODS", "Position", "SparseMethod",
-           "create_method", "method_options", "restore_method"]
+           "create_method", "method_options", "option_flag", "restore_method"]

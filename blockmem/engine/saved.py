@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 import blockmem
-from blockmem.attention import METHODS, AttentionMethod, KVCache, create_method, method_options, restore_method
+from blockmem.attention import (METHODS, AttentionMethod, KVCache, create_method, method_options, option_flag,
+                                restore_method)
 from blockmem.engine.generate import Completion, Engine, ProgressFn, Stream
 from blockmem.engine.sampler import SamplingParams
 from blockmem.errors import ConfigError, MemoryFileError
@@ -61,7 +62,7 @@ def check_method(stored: dict[str, Any], method: str | None, options: dict[str, 
             continue
         held = built.get(key)
         if held != value:
-            flag = "--" + key.replace("_", "-")
+            flag = option_flag(key)
             raise MemoryFileError(f"the memory was built with {flag} {held}, not {value}",
                                   f"leave {flag} out (a memory's settings are fixed when it is built)")
 
