@@ -18,9 +18,10 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from blockmem.errors import BlockmemError, ConfigError
+from blockmem.progress import LineProgress, progress_bar
 
 app = typer.Typer(help="Long-context LLM inference with a block-structured context memory.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -181,11 +182,11 @@ def _compose(prompt: str | None, files: list[Path], question: str | None, raw: b
     return question
 
 
-def _progress(label: str, total: int | None = None) -> tuple[Progress, Callable[[int, int], None]]:
-    """A transient token progress bar on stderr and its (done, total) update callback."""
-    progress = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
-                        TimeRemainingColumn(), console=err, transient=True)
-    task = progress.add_task(label, total=total)
+def _progress(label: str, unit: str = "tokens") -> tuple[Progress | LineProgress, Callable[[int, int], None]]:
+    """A transient progress bar on stderr (dated lines when stderr is a log) and its (done, total)
+    update callback."""
+    progress = progress_bar(err, unit, transient=True)
+    task = progress.add_task(label, total=None)
     return progress, lambda done, total: progress.update(task, completed=done, total=total)
 
 
@@ -236,7 +237,7 @@ def run(
     if chat and not raw:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     ids = engine.encode(text, messages, raw=raw)
-    progress, update = _progress("prefill", len(ids))
+    progress, update = _progress("prefill")
     show_progress = len(ids) > 2 * engine.prefill_chunk
     with progress if show_progress else contextlib.nullcontext():
         stream = engine.stream(prompt_ids=ids, params=params, on_prefill=update if show_progress else None)
@@ -475,11 +476,9 @@ def memory_verify(path: MemoryPath, model: Annotated[str | None, typer.Option("-
         loaded = _load(model, dtype, "cpu", None)
         file.check_match(persist.model_fingerprint(loaded.config, loaded.path),
                          persist.tokenizer_fingerprint(loaded.tokenizer), loaded.decoder.dtype, loaded.name)
-    progress = Progress(TextColumn("verifying"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
-                        console=err, transient=True)
-    task = progress.add_task("verify", total=None)
+    progress, update = _progress("verifying", "blocks")
     with progress:
-        checked = file.verify(lambda done, total: progress.update(task, completed=done, total=total))
+        checked = file.verify(update)
     sys.stdout.write(f"ok: {path} is intact ({checked / 2**20:.1f} MiB checked"
                      f"{', fits ' + model if model else ''})\n")
 

@@ -439,6 +439,8 @@ def test_eval_then_report_end_to_end(long_tiny: Path, tmp_path: Path) -> None:
                                "--peers", "transformers", "--threads", "1", "-o", str(out)])
     assert done.exit_code == 0, done.output
     assert "| passkey |" in done.stdout and "transformers" in done.stdout
+    # stderr is not a terminal here: progress comes as lines, the last one closing the run
+    assert "transformers @ 512: 18/18 samples (100%)" in done.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3 * 3 * 2
     by = {(r["system"], r["task"], r["index"]): r for r in records}

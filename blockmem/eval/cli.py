@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from blockmem.errors import ConfigError
+from blockmem.progress import progress_bar
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Catalog name (smollm2-135m, gemma3-270m), a .gguf "
                                            "file or a Hugging Face model directory. Default: smollm2-135m.")]
@@ -126,23 +126,17 @@ def _eval(*, tasks: str, lengths: str, methods: str, peers: str | None, samples:
                     samples, out, seed, dtype, device, threads, chunk_size, options,
                     kvpress_python or os.environ.get("BLOCKMEM_KVPRESS_PYTHON"), _budget(ram_budget))
     total = len(plan.tasks) * len(plan.lengths) * len(plan.systems) * samples
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), console=err, transient=False)
+    progress = progress_bar(err, "samples")
     bar = progress.add_task("eval", total=total)
-    already = total
     with progress:
+        def on_plan(to_run: int) -> None:  # samples already in the file count as done
+            progress.update(bar, completed=total - to_run)
+
         def on_group(system: str, length: int, count: int) -> None:
-            nonlocal already
-            already -= count
             progress.update(bar, description=f"{escape(system)} @ {length // 1024 if length >= 1024 else length}"
-                            f"{'K' if length >= 1024 else ''}", completed=max(0, already))
+                            f"{'K' if length >= 1024 else ''}")
 
-        def on_record(record: dict) -> None:
-            nonlocal already
-            already += 1
-            progress.update(bar, completed=already)
-
-        failures = run_eval(plan, on_record, on_group)
+        failures = run_eval(plan, lambda record: progress.advance(bar), on_group, on_plan)
     records = [r for r in read_records(out) if r.get("model") == plan.model_name() and r.get("seed") == seed]
     sys.stdout.write(summary_table(records) + "\n")
     err.print(escape(f"results: {out} (blockmem report {out} --out DIR: tables and plots)"))
@@ -197,8 +191,7 @@ def _bench(*, lengths: str, methods: str, peers: str | None, baseline: str, new_
     resolve(model)
     plan = BenchPlan(model, _lengths(lengths), systems, reps, new_tokens, out, dtype, device, threads,
                      _budget(ram_budget))
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err)
+    progress = progress_bar(err, "runs")
     bar = progress.add_task("bench", total=len(plan.lengths) * len(systems) * reps)
     with progress:
         run_id = run_bench(plan, lambda label: progress.update(bar, description=escape(label)),

@@ -105,27 +105,32 @@ def pending(plan: EvalPlan, name: str, done: set[Key], system: SystemSpec, lengt
 
 
 def run_eval(plan: EvalPlan, on_record: Callable[[dict[str, Any]], None] | None = None,
-             on_group: Callable[[str, int, int], None] | None = None) -> list[str]:
-    """Run what is missing from plan.out; returns one message per (system, length) that failed."""
+             on_group: Callable[[str, int, int], None] | None = None,
+             on_plan: Callable[[int], None] | None = None) -> list[str]:
+    """Run what is missing from plan.out; returns one message per (system, length) that failed.
+    on_plan(samples still to run) comes first, on_group(system, length, samples) before each worker,
+    on_record(record) after each sample."""
     name = plan.model_name()
     failures: list[str] = []
     with results_file(plan.out) as append:
         done = {_key(r) for r in read_records(plan.out) if "model" in r}
-        for length in plan.lengths:
-            for system in plan.systems:
-                work = pending(plan, name, done, system, length)
-                if not work:
-                    continue
-                if on_group:
-                    on_group(system.label, length, len(work))
-                job = {"system": asdict(system), "model": plan.model, "model_name": name, "dtype": plan.dtype,
-                       "device": plan.device, "threads": plan.threads, "chunk": plan.chunk, "seed": plan.seed,
-                       "length": length, "work": work, "task_options": asdict(plan.options),
-                       "kvpress_python": plan.kvpress_python, "ram_budget": plan.ram_budget,
-                       "log": str(_log(plan.out))}
-                failure = _run_worker(job, plan.out, append, on_record)
-                if failure:
-                    failures.append(f"{system.label} at {length} tokens: {failure}")
+        groups = [(system, length, pending(plan, name, done, system, length))
+                  for length in plan.lengths for system in plan.systems]
+        if on_plan:
+            on_plan(sum(len(work) for _, _, work in groups))
+        for system, length, work in groups:
+            if not work:
+                continue
+            if on_group:
+                on_group(system.label, length, len(work))
+            job = {"system": asdict(system), "model": plan.model, "model_name": name, "dtype": plan.dtype,
+                   "device": plan.device, "threads": plan.threads, "chunk": plan.chunk, "seed": plan.seed,
+                   "length": length, "work": work, "task_options": asdict(plan.options),
+                   "kvpress_python": plan.kvpress_python, "ram_budget": plan.ram_budget,
+                   "log": str(_log(plan.out))}
+            failure = _run_worker(job, plan.out, append, on_record)
+            if failure:
+                failures.append(f"{system.label} at {length} tokens: {failure}")
     return failures
 
 
