@@ -305,6 +305,32 @@ def test_runner_resumes_and_repairs_a_torn_record(long_tiny: Path, tmp_path: Pat
     assert sorted({r["index"] for r in seen}) == [2] and len(seen) == 4
 
 
+def test_runner_jobs_deal_samples_to_workers_at_once(long_tiny: Path, tmp_path: Path) -> None:
+    from blockmem.eval.runner import read_records, run_eval
+
+    alone, together = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert run_eval(_plan(long_tiny, alone, samples=3)) == []
+    planned: list[int] = []
+    groups: list[tuple[str, int, int]] = []
+    seen: list[dict] = []
+    assert run_eval(_plan(long_tiny, together, samples=3, jobs=2), seen.append,
+                    lambda *group: groups.append(group), planned.append) == []
+    assert planned == [2 * 2 * 3]
+    # each system's 6 samples dealt to two workers of 3, each covering both tasks
+    assert sorted(groups) == [("dense", 512, 3)] * 2 + [("streaming:n_local=64,n_init=8", 512, 3)] * 2
+    assert (tmp_path / "two.jsonl.log").read_text().count("--- dense at 512 tokens") == 2
+    one = {(r["system"], r["task"], r["index"]): r["prediction"] for r in read_records(alone)}
+    two = [(r["system"], r["task"], r["index"]) for r in read_records(together)]
+    assert len(seen) == len(two) == len(set(two)) == 12  # every sample once
+    assert {key: one[key] for key in two} == one  # and answered as one worker answers it
+    # resuming with jobs works as without: only what is missing runs
+    lines = together.read_text().splitlines(keepends=True)
+    together.write_text("".join(lines[:-3]))
+    seen.clear()
+    assert run_eval(_plan(long_tiny, together, samples=3, jobs=2), seen.append) == []
+    assert len(seen) == 3 and len(read_records(together)) == 12
+
+
 def _state(pid: int) -> str:
     """A process's state letter from /proc ('Z' zombie, '' gone)."""
     try:
@@ -331,6 +357,35 @@ def test_a_worker_stops_when_its_runner_is_killed() -> None:
     while _state(pid) not in ("", "Z") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _state(pid) in ("", "Z"), "the orphaned worker kept running"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+            if _state(int(stat.parent.name)) and stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_ctrl_c_stops_every_worker_of_a_jobs_run(long_tiny: Path, tmp_path: Path) -> None:
+    import signal
+
+    out = tmp_path / "r.jsonl"
+    runner = subprocess.Popen([sys.executable, "-m", "blockmem.cli", "eval", "--model", str(long_tiny), "--tasks",
+                               "passkey", "--lengths", "512", "--samples", "40", "--methods", "dense",
+                               "--threads", "1", "--jobs", "2", "-o", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while (not out.exists() or not out.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = _children(runner.pid)
+    assert len(workers) == 2 and out.read_text(), "two workers answering"
+    runner.send_signal(signal.SIGINT)
+    assert runner.wait(timeout=30) != 0
+    deadline = time.monotonic() + 30
+    while any(_state(pid) not in ("", "Z") for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_state(pid) in ("", "Z") for pid in workers), "a worker kept running after Ctrl-C"
+    records = out.read_text().splitlines()
+    assert 0 < len(records) < 40 and all(json.loads(line)["system"] == "dense" for line in records)
 
 
 def test_one_writer_per_results_file(tmp_path: Path) -> None:

@@ -6,7 +6,9 @@ there, so an interrupted run continues where it stopped. A torn last line (a run
 is cut off before appending. One runner writes a results file at a time (a lock file beside it).
 
 Each (system, length) runs in its own worker process (blockmem.eval.worker); its stderr goes to
-RESULTS.log.
+RESULTS.log. With `jobs` > 1 that many workers run at once, each (system, length)'s samples dealt
+out among them (on N cores `jobs=N, threads=1` keeps every core on a sample of its own); one runner
+still writes the file.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ class EvalPlan:
     options: TaskOptions = field(default_factory=TaskOptions)
     kvpress_python: str | None = None
     ram_budget: str | None = None  # memory tiers for block-memory methods (bytes moved per token)
+    jobs: int = 1  # worker processes at once
 
     def model_name(self) -> str:
         from blockmem.model.loader import resolve
@@ -107,45 +112,93 @@ def pending(plan: EvalPlan, name: str, done: set[Key], system: SystemSpec, lengt
 def run_eval(plan: EvalPlan, on_record: Callable[[dict[str, Any]], None] | None = None,
              on_group: Callable[[str, int, int], None] | None = None,
              on_plan: Callable[[int], None] | None = None) -> list[str]:
-    """Run what is missing from plan.out; returns one message per (system, length) that failed.
-    on_plan(samples still to run) comes first, on_group(system, length, samples) before each worker,
-    on_record(record) after each sample."""
+    """Run what is missing from plan.out; returns one message per worker that failed.
+    on_plan(samples still to run) comes first, on_group(system, length, samples) as each worker
+    starts, on_record(record) after each sample (one at a time, whatever plan.jobs is)."""
+    if plan.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {plan.jobs}")
     name = plan.model_name()
-    failures: list[str] = []
     with results_file(plan.out) as append:
         done = {_key(r) for r in read_records(plan.out) if "model" in r}
-        groups = [(system, length, pending(plan, name, done, system, length))
-                  for length in plan.lengths for system in plan.systems]
+        units = []  # (system, length, samples) for one worker: a group's work dealt into plan.jobs hands
+        for length in plan.lengths:
+            for system in plan.systems:
+                work = pending(plan, name, done, system, length)
+                units += [(system, length, work[hand::plan.jobs]) for hand in range(min(plan.jobs, len(work)))]
         if on_plan:
-            on_plan(sum(len(work) for _, _, work in groups))
-        for system, length, work in groups:
-            if not work:
-                continue
+            on_plan(sum(len(work) for _, _, work in units))
+        lock = threading.Lock()  # one record at a time into the file and the callbacks
+        workers = _Workers()
+
+        def deliver(record: dict[str, Any]) -> None:
+            with lock:
+                append(record)
+                if on_record:
+                    on_record(record)
+
+        def run_unit(unit: tuple[SystemSpec, int, list[tuple[str, int]]]) -> str | None:
+            system, length, work = unit
             if on_group:
-                on_group(system.label, length, len(work))
+                with lock:
+                    on_group(system.label, length, len(work))
             job = {"system": asdict(system), "model": plan.model, "model_name": name, "dtype": plan.dtype,
                    "device": plan.device, "threads": plan.threads, "chunk": plan.chunk, "seed": plan.seed,
                    "length": length, "work": work, "task_options": asdict(plan.options),
                    "kvpress_python": plan.kvpress_python, "ram_budget": plan.ram_budget,
                    "log": str(_log(plan.out))}
-            failure = _run_worker(job, plan.out, append, on_record)
-            if failure:
-                failures.append(f"{system.label} at {length} tokens: {failure}")
-    return failures
+            failure = _run_worker(job, plan.out, deliver, workers)
+            return f"{system.label} at {length} tokens: {failure}" if failure else None
+
+        if plan.jobs == 1:
+            failures = [run_unit(unit) for unit in units]
+        else:
+            with ThreadPoolExecutor(max_workers=plan.jobs, thread_name_prefix="eval-worker") as pool:
+                try:
+                    failures = list(pool.map(run_unit, units))
+                except BaseException:  # Ctrl-C: stop every worker, or the pool waits for them
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    workers.stop()
+                    raise
+    return [failure for failure in failures if failure]
 
 
 def _log(out: Path) -> Path:
     return out.with_name(out.name + ".log")
 
 
-def _run_worker(job: dict[str, Any], out: Path, append: Callable[[dict[str, Any]], None],
-                on_record: Callable[[dict[str, Any]], None] | None) -> str | None:
+class _Workers:
+    """The worker processes running now, so that a stopped run can kill them all (and any started
+    after the stop)."""
+
+    def __init__(self) -> None:
+        self.lock, self.running, self.stopped = threading.Lock(), set[subprocess.Popen[str]](), False
+
+    def started(self, process: subprocess.Popen[str]) -> None:
+        with self.lock:
+            self.running.add(process)
+            if self.stopped:
+                process.kill()
+
+    def ended(self, process: subprocess.Popen[str]) -> None:
+        with self.lock:
+            self.running.discard(process)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            for process in self.running:
+                process.kill()
+
+
+def _run_worker(job: dict[str, Any], out: Path, deliver: Callable[[dict[str, Any]], None],
+                workers: _Workers) -> str | None:
     log = _log(out)
     with open(log, "ab") as stderr:
         stderr.write(f"--- {job['system']['label']} at {job['length']} tokens\n".encode())
         stderr.flush()
         process = subprocess.Popen([sys.executable, "-m", "blockmem.eval.worker"], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=stderr, text=True)
+        workers.started(process)
         assert process.stdin is not None and process.stdout is not None
         process.stdin.write(json.dumps(job))
         process.stdin.close()
@@ -158,12 +211,12 @@ def _run_worker(job: dict[str, Any], out: Path, append: Callable[[dict[str, Any]
                 if "error" in record:
                     error = record["error"] + (f" (fix: {record['fix']})" if record.get("fix") else "")
                     continue
-                append(record)
-                if on_record:
-                    on_record(record)
+                deliver(record)
         except BaseException:
             process.kill()
             raise
+        finally:
+            workers.ended(process)
         code = process.wait()
     if error:
         return error
