@@ -183,7 +183,7 @@ def _compose(prompt: str | None, files: list[Path], question: str | None, raw: b
 
 
 def _progress(label: str, unit: str = "tokens") -> tuple[Progress | LineProgress, Callable[[int, int], None]]:
-    """A transient progress bar on stderr (dated lines when stderr is a log) and its (done, total)
+    """A transient progress bar on stderr (plain lines when stderr is a log) and its (done, total)
     update callback."""
     progress = progress_bar(err, unit, transient=True)
     task = progress.add_task(label, total=None)

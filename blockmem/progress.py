@@ -1,4 +1,4 @@
-"""Progress on stderr for long work: a live bar in a terminal, plain dated lines in a log.
+"""Progress on stderr for long work: a live bar in a terminal, plain lines in a log.
 
 rich draws nothing while stderr is a file or a pipe (`blockmem eval ... 2> eval.log`, nohup, CI),
 so an hours-long run would log nothing until it ends. `progress_bar` gives a rich bar in a

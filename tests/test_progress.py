@@ -1,4 +1,4 @@
-"""Progress on stderr: a rich bar in a terminal, dated lines in a log (blockmem.progress)."""
+"""Progress on stderr: a rich bar in a terminal, plain lines in a log (blockmem.progress)."""
 
 from __future__ import annotations
 

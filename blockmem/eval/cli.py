@@ -62,8 +62,8 @@ def eval_command(
     device: Device = "cpu",
     threads: Threads = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Worker processes at once, each system's samples dealt "
-                                      "among them (on N cores: --jobs N --threads 1 answers the most samples an "
-                                      "hour; latencies then include the sharing).")] = 1,
+                                      "among them (on N cores, --jobs N --threads 1 keeps each core on a sample of "
+                                      "its own; latencies then include the sharing).")] = 1,
     chunk_size: Annotated[int, typer.Option(help="blockmem prefill chunk in tokens.")] = 1024,
     kv_ratio: Annotated[float, typer.Option(help="kvpress: share of the context's KV cache dropped.")] = 0.5,
     kvpress_python: Annotated[str | None, typer.Option(help="Python of an environment with kvpress (it needs an "
