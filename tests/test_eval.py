@@ -439,6 +439,29 @@ def test_summary_and_ratio_tables_hand_checked() -> None:
     assert [r["system"] for r in two] == ["m1/a", "m2/a"]  # two models never merge into one row
 
 
+def test_agreement_table_hand_checked() -> None:
+    from blockmem.eval.report import agreement_table
+
+    def rec(system: str, index: int, prediction: str, score: float | None, **extra: object) -> dict:
+        return {"task": "passkey", "system": system, "length": 4096, "index": index, "seed": 0,
+                "prediction": prediction, "score": score, **extra}
+
+    records = [rec("dense", i, p, s) for i, (p, s) in enumerate([(" 123", 1.0), ("456", 0.0), ("789", 1.0)])]
+    records += [rec("x", 0, "123 ", 1.0),  # the same answer (spaces aside)
+                rec("x", 1, "4567", 1.0),  # another answer, scored higher
+                rec("x", 2, "78", 0.0),  # another answer, scored lower
+                rec("x", 3, "9", 1.0),  # dense has no sample 3: not compared
+                rec("y", 0, "0", 0.0), rec("y", 1, "1", 0.0),  # another answer, the same score
+                rec("y", 2, "", None, refused="too long")]  # refused: not compared
+    table = agreement_table(records)
+    assert "Against `dense`" in table
+    assert "| x | 4K | 3 | 1 | 1 | 1 | 1 |" in table
+    assert "| y | 4K | 2 | 0 | 1 | 0 | 1 |" in table
+    assert agreement_table([r for r in records if r["system"] == "dense"]) == ""  # nothing to compare with
+    other_seed = [rec("dense", 0, "1", 1.0), rec("x", 0, "1", 1.0, seed=1)]
+    assert agreement_table(other_seed) == ""  # another seed is another prompt
+
+
 def test_report_can_keep_the_first_samples_of_a_growing_file(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -1,7 +1,8 @@
 """Tables and plots from `blockmem eval` and `blockmem bench` records.
 
 Tables (markdown): accuracy per task, length and system (mean score x 100 over the samples, with
-the sample count where it differs); a RULER average per length; perplexity by position bucket;
+the sample count where it differs); a RULER average per length; agreement with the first system,
+sample by sample (same answer, same score, scored higher or lower); perplexity by position bucket;
 cost per system and length from the eval records (latency, decode tok/s, tokens read per step,
 peak RSS); and the bench ratio table.
 Plots (PNG, matplotlib): accuracy heatmap (length x depth) per system, accuracy vs length,
@@ -111,6 +112,39 @@ def summary_table(records: list[Record]) -> str:
                 averages.append(f"**{100 * statistics.fmean(means):.1f}**{partial}")
         lines += [f"| **average** | " + " | ".join(averages) + " |", ""]
     return "\n".join(lines).rstrip()
+
+
+def agreement_table(records: list[Record]) -> str:
+    """Each system against the first one (dense, when it leads), sample by sample on the prompts
+    both answered: how many answers are the same text, how many scores are equal, and how many
+    samples it scored above and below the first system. Averages hide this; a method that matches
+    dense on average can still lose some needles and find others."""
+    records = [r for r in eval_records(records) if r["task"] != "perplexity" and r.get("score") is not None]
+    systems = _ordered(r["system"] for r in records)
+    if len(systems) < 2:
+        return ""
+    reference = systems[0]
+
+    def key(r: Record) -> tuple[Any, ...]:
+        return r.get("seed"), r["task"], r["length"], r["index"]
+
+    first = {key(r): r for r in records if r["system"] == reference}
+    groups: dict[tuple[str, int], list[tuple[Record, Record]]] = defaultdict(list)
+    for r in records:
+        if r["system"] != reference and key(r) in first:
+            groups[(r["system"], r["length"])].append((r, first[key(r)]))
+    if not groups:
+        return ""
+    lines = [f"Against `{reference}`, sample by sample on the prompts both answered.", "",
+             "| system | length | samples | same answer | same score | scored higher | scored lower |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for (system, length), pairs in sorted(groups.items(), key=lambda item: (item[0][1], systems.index(item[0][0]))):
+        same = sum(str(r.get("prediction", "")).strip() == str(f.get("prediction", "")).strip() for r, f in pairs)
+        level = sum(r["score"] == f["score"] for r, f in pairs)
+        higher = sum(r["score"] > f["score"] for r, f in pairs)
+        lines.append(f"| {system} | {_k(length)} | {len(pairs)} | {same} | {level} | {higher} | "
+                     f"{len(pairs) - level - higher} |")
+    return "\n".join(lines)
 
 
 def cost_table(records: list[Record]) -> str:
@@ -251,6 +285,7 @@ def write_report(records: list[Record], out: Path, baseline: str, plots: bool,
     if models:
         parts += [f"Model: {', '.join(models)}", ""]
     for title, body in (("Accuracy (score x 100)", summary_table(records) if eval_records(records) else ""),
+                        ("Agreement, sample by sample", agreement_table(records)),
                         ("Perplexity by position", perplexity_table(records)),
                         ("Cost per sample (medians; peak RSS is the worker's peak at that length)",
                          cost_table(records)),
