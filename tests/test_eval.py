@@ -455,9 +455,14 @@ def test_agreement_table_hand_checked() -> None:
                 rec("y", 2, "", None, refused="too long")]  # refused: not compared
     table = agreement_table(records)
     assert "Against `dense`" in table
-    assert "| x | 4K | 3 | 1 | 1 | 1 | 1 |" in table
-    assert "| y | 4K | 2 | 0 | 1 | 0 | 1 |" in table
+    assert "| x | 4K | 3 | 1 | 1 | 1 | 1 | 1 |" in table  # one up, one down: no evidence either way
+    assert "| y | 4K | 2 | 0 | 1 | 0 | 1 | 1 |" in table
     assert agreement_table([r for r in records if r["system"] == "dense"]) == ""  # nothing to compare with
+    from blockmem.eval.report import sign_test
+
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert sign_test(0, 5) == pytest.approx(2 / 32)  # 5 of 5 one way: 2 * (1/2)^5
+    assert sign_test(8, 2) == sign_test(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 1024)
     other_seed = [rec("dense", 0, "1", 1.0), rec("x", 0, "1", 1.0, seed=1)]
     assert agreement_table(other_seed) == ""  # another seed is another prompt
 

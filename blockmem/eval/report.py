@@ -11,6 +11,7 @@ decode tok/s and peak RSS vs length, perplexity by position.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -135,16 +136,26 @@ def agreement_table(records: list[Record]) -> str:
             groups[(r["system"], r["length"])].append((r, first[key(r)]))
     if not groups:
         return ""
-    lines = [f"Against `{reference}`, sample by sample on the prompts both answered.", "",
-             "| system | length | samples | same answer | same score | scored higher | scored lower |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"Against `{reference}`, sample by sample on the prompts both answered; p: two-sided sign test "
+             "on the samples scored higher vs lower (small p: a difference unlikely to be chance).", "",
+             "| system | length | samples | same answer | same score | scored higher | scored lower | p |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (system, length), pairs in sorted(groups.items(), key=lambda item: (item[0][1], systems.index(item[0][0]))):
         same = sum(str(r.get("prediction", "")).strip() == str(f.get("prediction", "")).strip() for r, f in pairs)
         level = sum(r["score"] == f["score"] for r, f in pairs)
         higher = sum(r["score"] > f["score"] for r, f in pairs)
-        lines.append(f"| {system} | {_k(length)} | {len(pairs)} | {same} | {level} | {higher} | "
-                     f"{len(pairs) - level - higher} |")
+        lower = len(pairs) - level - higher
+        lines.append(f"| {system} | {_k(length)} | {len(pairs)} | {same} | {level} | {higher} | {lower} | "
+                     f"{sign_test(higher, lower):.2g} |")
     return "\n".join(lines)
+
+
+def sign_test(higher: int, lower: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven if either side were
+    equally likely on each sample that differs (ties left out)."""
+    n = higher + lower
+    tail = sum(math.comb(n, i) for i in range(min(higher, lower) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def cost_table(records: list[Record]) -> str:
