@@ -539,6 +539,8 @@ def test_eval_then_report_end_to_end(long_tiny: Path, tmp_path: Path) -> None:
     assert done.exit_code == 0, done.output
     markdown = (report / "report.md").read_text()
     assert "## Accuracy" in markdown and "## Perplexity by position" in markdown and "| transformers |" in markdown
+    # sample by sample, transformers answers as blockmem dense (the needle tasks' 4 samples)
+    assert "| transformers | 512 | 4 | 4 | 4 | 0 | 0 | 1 |" in markdown
     for name in ("heatmap.png", "accuracy_vs_length.png", "decode_vs_length.png", "memory_vs_length.png",
                  "perplexity.png"):
         data = (report / name).read_bytes()
