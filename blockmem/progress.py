@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -35,6 +36,17 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+@dataclass
+class _Task:
+    description: str
+    total: float | None
+    start: float
+    last: float  # when a line was last written (or the task began)
+    completed: float = 0
+    base: tuple[float, float] | None = None  # (count, time) this run's pace is measured from
+    printed: tuple[str, float] | None = None  # (description, count) of the last line
+
+
 class LineProgress:
     """The part of rich's Progress that blockmem uses (add_task, update, advance, with-block),
     written as lines such as `dense @ 4K: 120/352 samples (34%), 40m12s elapsed, ~1h17m left`.
@@ -44,7 +56,7 @@ class LineProgress:
     def __init__(self, console: Console, unit: str, *, transient: bool = False,
                  interval: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.console, self.unit, self.transient, self.interval, self.clock = console, unit, transient, interval, clock
-        self.tasks: list[dict[str, Any]] = []
+        self.tasks: list[_Task] = []
 
     def __enter__(self) -> LineProgress:
         return self
@@ -52,13 +64,12 @@ class LineProgress:
     def __exit__(self, kind: object, error: object, trace: object) -> None:
         if kind is None and not self.transient:
             for task in self.tasks:
-                if task["printed"] != (task["description"], task["completed"]):
+                if task.printed != (task.description, task.completed):
                     self._print(task)
 
     def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
         now = self.clock()
-        self.tasks.append({"description": description, "total": total, "completed": 0, "start": now,
-                           "base": None, "last": now, "printed": None})
+        self.tasks.append(_Task(description, total, start=now, last=now))
         return len(self.tasks) - 1
 
     def advance(self, task_id: int, advance: float = 1) -> None:
@@ -67,34 +78,38 @@ class LineProgress:
     def update(self, task_id: int, *, total: float | None = None, completed: float | None = None,
                advance: float | None = None, description: str | None = None, **_: Any) -> None:
         task = self.tasks[task_id]
-        if total is not None:
-            task["total"] = total
-        if completed is not None:
-            task["completed"] = completed
-        if advance is not None:
-            task["completed"] += advance
         now = self.clock()
-        if task["base"] is None and (completed is not None or advance is not None):
-            # the first count of this run: what a resumed run had done before is not pace
-            task["base"] = (task["completed"] - (advance or 0), now if advance is None else task["start"])
-        renamed = description is not None and description != task["description"]
+        if task.base is None:
+            # pace counts from the first count set (what a resumed run had done before is not
+            # pace), or from the start when the count only advances
+            if completed is not None:
+                task.base = (completed, now)
+            elif advance is not None:
+                task.base = (task.completed, task.start)
+        if total is not None:
+            task.total = total
+        if completed is not None:
+            task.completed = completed
+        if advance is not None:
+            task.completed += advance
+        renamed = description is not None and description != task.description
         if description is not None:
-            task["description"] = description
-        if renamed or now - task["last"] >= self.interval:
+            task.description = description
+        if renamed or now - task.last >= self.interval:
             self._print(task)
 
-    def _print(self, task: dict[str, Any]) -> None:
+    def _print(self, task: _Task) -> None:
         now = self.clock()
-        task["last"], task["printed"] = now, (task["description"], task["completed"])
-        done, total = task["completed"], task["total"]
-        line = f"{task['description']}: {done:g}"
+        task.last, task.printed = now, (task.description, task.completed)
+        done, total = task.completed, task.total
+        line = f"{task.description}: {done:g}"
         if total:
             line += f"/{total:g} {self.unit} ({100 * done / total:.0f}%)"
         else:
             line += f" {self.unit}"
-        line += f", {_duration(now - task['start'])} elapsed"
-        if total and task["base"] is not None:
-            base_done, base_time = task["base"]
+        line += f", {_duration(now - task.start)} elapsed"
+        if total and task.base is not None:
+            base_done, base_time = task.base
             rate = (done - base_done) / max(now - base_time, 1e-9)
             if rate > 0 and done < total:
                 line += f", ~{_duration((total - done) / rate)} left"
