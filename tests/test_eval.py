@@ -370,22 +370,25 @@ def test_ctrl_c_stops_every_worker_of_a_jobs_run(long_tiny: Path, tmp_path: Path
 
     out = tmp_path / "r.jsonl"
     runner = subprocess.Popen([sys.executable, "-m", "blockmem.cli", "eval", "--model", str(long_tiny), "--tasks",
-                               "passkey", "--lengths", "512", "--samples", "40", "--methods", "dense",
+                               "passkey", "--lengths", "512", "--samples", "5000", "--methods", "dense",
                                "--threads", "1", "--jobs", "2", "-o", str(out)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while (not out.exists() or not out.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    workers = _children(runner.pid)
-    assert len(workers) == 2 and out.read_text(), "two workers answering"
-    runner.send_signal(signal.SIGINT)
-    assert runner.wait(timeout=30) != 0
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # minutes of work
+    try:
+        deadline = time.monotonic() + 120
+        while (not out.exists() or not out.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = _children(runner.pid)
+        assert len(workers) == 2 and out.read_text(), "two workers answering"
+        runner.send_signal(signal.SIGINT)
+        assert runner.wait(timeout=30) != 0
+    finally:
+        runner.kill()
     deadline = time.monotonic() + 30
     while any(_state(pid) not in ("", "Z") for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(_state(pid) in ("", "Z") for pid in workers), "a worker kept running after Ctrl-C"
     records = out.read_text().splitlines()
-    assert 0 < len(records) < 40 and all(json.loads(line)["system"] == "dense" for line in records)
+    assert 0 < len(records) < 5000 and all(json.loads(line)["system"] == "dense" for line in records)
 
 
 def test_one_writer_per_results_file(tmp_path: Path) -> None:
