@@ -372,7 +372,9 @@ def test_ctrl_c_stops_every_worker_of_a_jobs_run(long_tiny: Path, tmp_path: Path
     runner = subprocess.Popen([sys.executable, "-m", "blockmem.cli", "eval", "--model", str(long_tiny), "--tasks",
                                "passkey", "--lengths", "512", "--samples", "5000", "--methods", "dense",
                                "--threads", "1", "--jobs", "2", "-o", str(out)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # minutes of work
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # minutes of work
+                              # a suite started in the background inherits SIGINT ignored: undo that
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while (not out.exists() or not out.read_text()) and time.monotonic() < deadline:
