@@ -562,6 +562,7 @@ def test_eval_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     for args, message in ((["--tasks", "nope"], "unknown task"), (["--lengths", "4q"], "not a list of token counts"),
                           (["--lengths", "100"], "at least 256"), (["--samples", "0"], "at least 1"),
                           (["--depths", "2"], "between 0 and 1"), (["--peers", "vllm"], "unknown peer"),
+                          (["--jobs", "0"], "--jobs must be at least 1"),
                           (["--model", str(tmp_path / "none.gguf")], "model not found"),
                           (["--qa-squad", str(tmp_path / "none.json")], "QA file not found")):
         done = runner.invoke(app, ["eval", *args, "-o", str(tmp_path / "r.jsonl")])

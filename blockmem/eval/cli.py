@@ -105,7 +105,7 @@ def _eval(*, tasks: str, lengths: str, methods: str, peers: str | None, samples:
           kv_ratio: float, kvpress_python: str | None, qa_squad: Path | None, qa_hotpot: Path | None,
           ram_budget: str | None) -> None:
     from blockmem.cli import err
-    from blockmem.eval.report import summary_table
+    from blockmem.eval.report import _k, summary_table
     from blockmem.eval.runner import EvalPlan, read_records, run_eval
     from blockmem.eval.systems import parse_systems
     from blockmem.eval.tasks import TaskOptions, resolve_tasks
@@ -113,8 +113,6 @@ def _eval(*, tasks: str, lengths: str, methods: str, peers: str | None, samples:
 
     if samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {samples}")
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {jobs}", "e.g. --jobs 2 --threads 1 on two cores")
     try:
         depth_values = [float(x) for x in depths.split(",") if x.strip()]
     except ValueError:
@@ -138,8 +136,7 @@ def _eval(*, tasks: str, lengths: str, methods: str, peers: str | None, samples:
             progress.update(bar, completed=total - to_run)
 
         def on_group(system: str, length: int, count: int) -> None:
-            progress.update(bar, description=f"{escape(system)} @ {length // 1024 if length >= 1024 else length}"
-                            f"{'K' if length >= 1024 else ''}")
+            progress.update(bar, description=f"{escape(system)} @ {_k(length)}")
 
         failures = run_eval(plan, lambda record: progress.advance(bar), on_group, on_plan)
     records = [r for r in read_records(out) if r.get("model") == plan.model_name() and r.get("seed") == seed]

@@ -51,6 +51,10 @@ class EvalPlan:
     ram_budget: str | None = None  # memory tiers for block-memory methods (bytes moved per token)
     jobs: int = 1  # worker processes at once
 
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ConfigError(f"--jobs must be at least 1, got {self.jobs}", "e.g. --jobs 2 --threads 1 on two cores")
+
     def model_name(self) -> str:
         from blockmem.model.loader import resolve
 
@@ -115,8 +119,6 @@ def run_eval(plan: EvalPlan, on_record: Callable[[dict[str, Any]], None] | None 
     """Run what is missing from plan.out; returns one message per worker that failed.
     on_plan(samples still to run) comes first, on_group(system, length, samples) as each worker
     starts, on_record(record) after each sample (one at a time, whatever plan.jobs is)."""
-    if plan.jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {plan.jobs}")
     name = plan.model_name()
     with results_file(plan.out) as append:
         done = {_key(r) for r in read_records(plan.out) if "model" in r}
@@ -149,16 +151,13 @@ def run_eval(plan: EvalPlan, on_record: Callable[[dict[str, Any]], None] | None 
             failure = _run_worker(job, plan.out, deliver, workers)
             return f"{system.label} at {length} tokens: {failure}" if failure else None
 
-        if plan.jobs == 1:
-            failures = [run_unit(unit) for unit in units]
-        else:
-            with ThreadPoolExecutor(max_workers=plan.jobs, thread_name_prefix="eval-worker") as pool:
-                try:
-                    failures = list(pool.map(run_unit, units))
-                except BaseException:  # Ctrl-C: stop every worker, or the pool waits for them
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    workers.stop()
-                    raise
+        with ThreadPoolExecutor(max_workers=plan.jobs, thread_name_prefix="eval-worker") as pool:
+            try:
+                failures = list(pool.map(run_unit, units))
+            except BaseException:  # Ctrl-C: stop every worker, or the pool waits for them
+                pool.shutdown(wait=False, cancel_futures=True)
+                workers.stop()
+                raise
     return [failure for failure in failures if failure]
 
 
