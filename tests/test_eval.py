@@ -181,6 +181,20 @@ def test_perplexity_buckets_hand_checked() -> None:
     assert buckets[0]["ppl"] == pytest.approx(2.718, abs=1e-3)
 
 
+def test_perplexity_table_hand_checked() -> None:
+    from blockmem.eval.report import perplexity_table
+
+    buckets = [{"start": 0, "end": 512, "loss": 2.0}, {"start": 512, "end": 2048, "loss": 1.0}]
+    records = [{"task": "perplexity", "length": 2048, "system": "dense", "index": i, "loss": 1.5,
+                "buckets": buckets} for i in range(2)]
+    records.append({"task": "perplexity", "length": 2048, "system": "streaming", "index": 0, "refused": "x"})
+    lines = perplexity_table(records).splitlines()
+    assert lines[0] == "### Perplexity at 2K tokens, by position"
+    assert lines[2] == "| system | samples | 0-512 | 512-2K | all |"
+    assert lines[4] == "| dense | 2 | 7.39 | 2.72 | 4.48 |"  # e^2, e^1, e^1.5
+    assert lines[5] == "| streaming | 1 | refused | refused | refused |"
+
+
 def test_token_losses_equal_full_forward(tiny_llama) -> None:
     import blockmem
     from blockmem.model.decoder import Logits

@@ -105,7 +105,7 @@ def _eval(*, tasks: str, lengths: str, methods: str, peers: str | None, samples:
           kv_ratio: float, kvpress_python: str | None, qa_squad: Path | None, qa_hotpot: Path | None,
           ram_budget: str | None) -> None:
     from blockmem.cli import err
-    from blockmem.eval.report import _k, summary_table
+    from blockmem.eval.report import length_label, summary_table
     from blockmem.eval.runner import EvalPlan, read_records, run_eval
     from blockmem.eval.systems import parse_systems
     from blockmem.eval.tasks import TaskOptions, resolve_tasks
@@ -136,7 +136,7 @@ def _eval(*, tasks: str, lengths: str, methods: str, peers: str | None, samples:
             progress.update(bar, completed=total - to_run)
 
         def on_group(system: str, length: int, count: int) -> None:
-            progress.update(bar, description=f"{escape(system)} @ {_k(length)}")
+            progress.update(bar, description=f"{escape(system)} @ {length_label(length)}")
 
         failures = run_eval(plan, lambda record: progress.advance(bar), on_group, on_plan)
     records = [r for r in read_records(out) if r.get("model") == plan.model_name() and r.get("seed") == seed]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from blockmem.errors import ConfigError
-from blockmem.eval.report import _k, _ordered, accuracy, bench_records, eval_records
+from blockmem.eval.report import accuracy, bench_records, eval_records, length_label, unique_in_order
 
 Record = dict[str, Any]
 
@@ -47,7 +47,7 @@ def _heatmap(plt: Any, records: list[Record]) -> Any:
     rows = [r for r in eval_records(records) if r.get("depth") is not None and r.get("score") is not None]
     if not rows:
         return None
-    systems = _ordered(r["system"] for r in rows)
+    systems = unique_in_order(r["system"] for r in rows)
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({round(r["depth"], 2) for r in rows})
     columns = min(3, len(systems))
@@ -69,7 +69,7 @@ def _heatmap(plt: Any, records: list[Record]) -> Any:
                 if not math.isnan(value):
                     axis.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
         axis.set_xticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
-        axis.set_yticks(range(len(lengths)), [_k(n) for n in lengths])
+        axis.set_yticks(range(len(lengths)), [length_label(n) for n in lengths])
         if number // columns == lines - 1 or number + columns >= len(systems):
             axis.set_xlabel("needle depth (0% = start)")
         if number % columns == 0:
@@ -108,7 +108,7 @@ def _lines(plt: Any, series: dict[str, list[tuple[int, float]]], ylabel: str, ti
         axis.plot([p[0] for p in points], [p[1] for p in points], label=system, **line_style(index))
     lengths = sorted({p[0] for points in series.values() for p in points})
     axis.set_xscale("log", base=2)
-    axis.set_xticks(lengths, [_k(n) for n in lengths])
+    axis.set_xticks(lengths, [length_label(n) for n in lengths])
     axis.minorticks_off()
     if log_y:
         axis.set_yscale("log")
@@ -126,7 +126,7 @@ def _accuracy_vs_length(plt: Any, records: list[Record]) -> Any:
     if not table:
         return None
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for system in _ordered(key[0] for key in table):
+    for system in unique_in_order(key[0] for key in table):
         for length in sorted({key[2] for key in table}):
             means = [mean for (s, _, n), (mean, _, _) in table.items() if s == system and n == length]
             if means and None not in means:
@@ -171,7 +171,7 @@ def _perplexity(plt: Any, records: list[Record]) -> Any:
         return None
     length = max(r["length"] for r in rows)
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for system in _ordered(r["system"] for r in rows):
+    for system in unique_in_order(r["system"] for r in rows):
         losses: dict[int, list[float]] = defaultdict(list)
         for r in rows:
             if r["system"] == system and r["length"] == length:
@@ -182,7 +182,7 @@ def _perplexity(plt: Any, records: list[Record]) -> Any:
     axis.set_xscale("log", base=2)
     axis.set_xlabel("token position (end of bucket)")
     axis.set_ylabel("perplexity")
-    axis.set_title(f"Perplexity by position ({_k(length)}-token texts)")
+    axis.set_title(f"Perplexity by position ({length_label(length)}-token texts)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     return figure

@@ -23,11 +23,13 @@ from blockmem.errors import ConfigError
 Record = dict[str, Any]
 
 
-def _k(length: int) -> str:
+def length_label(length: int) -> str:
+    """A length as tables, plots and progress lines show it: 8192 -> '8K', 1536 -> '1536'."""
     return f"{length // 1024}K" if length % 1024 == 0 else str(length)
 
 
-def _ordered(values: Iterable[Any]) -> list[Any]:
+def unique_in_order(values: Iterable[Any]) -> list[Any]:
+    """The distinct values in order of first appearance (systems, tasks, buckets)."""
     return list(dict.fromkeys(values))
 
 
@@ -53,7 +55,7 @@ def select_systems(records: list[Record], systems: list[str] | None) -> list[Rec
     which systems first appear); a label no record has is an error that lists those that are."""
     if not systems:
         return records
-    known = _ordered(r["system"] for r in records if "system" in r)
+    known = unique_in_order(r["system"] for r in records if "system" in r)
     missing = [s for s in systems if s not in known]
     if missing:
         raise ConfigError(f"no records of {', '.join(missing)} in the results",
@@ -88,14 +90,15 @@ def summary_table(records: list[Record]) -> str:
     if not records:
         return "(no eval records)"
     table = accuracy(records)
-    systems = _ordered(r["system"] for r in records)
-    tasks = _ordered(r["task"] for r in records if r["task"] != "perplexity")
+    systems = unique_in_order(r["system"] for r in records)
+    tasks = unique_in_order(r["task"] for r in records if r["task"] != "perplexity")
     lines: list[str] = []
     for length in sorted({r["length"] for r in records}):
         if not any(key[2] == length for key in table):
             continue
         counts = {n for (_, _, n_length), (_, n, _) in table.items() if n_length == length}
-        lines += [f"### {_k(length)} tokens ({'/'.join(str(c) for c in sorted(counts))} samples per cell)", "",
+        per_cell = "/".join(str(c) for c in sorted(counts))
+        lines += [f"### {length_label(length)} tokens ({per_cell} samples per cell)", "",
                   "| task | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
         for task in tasks:
             cells = []
@@ -121,7 +124,7 @@ def agreement_table(records: list[Record]) -> str:
     samples it scored above and below the first system. Averages hide this; a method that matches
     dense on average can still lose some needles and find others."""
     records = [r for r in eval_records(records) if r["task"] != "perplexity" and r.get("score") is not None]
-    systems = _ordered(r["system"] for r in records)
+    systems = unique_in_order(r["system"] for r in records)
     if len(systems) < 2:
         return ""
     reference = systems[0]
@@ -145,7 +148,7 @@ def agreement_table(records: list[Record]) -> str:
         level = sum(r["score"] == f["score"] for r, f in pairs)
         higher = sum(r["score"] > f["score"] for r, f in pairs)
         lower = len(pairs) - level - higher
-        lines.append(f"| {system} | {_k(length)} | {len(pairs)} | {same} | {level} | {higher} | {lower} | "
+        lines.append(f"| {system} | {length_label(length)} | {len(pairs)} | {same} | {level} | {higher} | {lower} | "
                      f"{sign_test(higher, lower):.2g} |")
     return "\n".join(lines)
 
@@ -173,10 +176,10 @@ def cost_table(records: list[Record]) -> str:
         values = [r[key] for r in group if r.get(key) is not None]
         return f"{statistics.median(values):.{digits}f}" if values else "–"
 
-    order = _ordered(r["system"] for r in records)
+    order = unique_in_order(r["system"] for r in records)
     for (system, length), group in sorted(groups.items(), key=lambda item: (item[0][1], order.index(item[0][0]))):
         peak = max((r.get("peak_rss_mib") or 0) for r in group)
-        lines.append(f"| {system} | {_k(length)} | {len(group)} | {median(group, 'latency', 2)} | "
+        lines.append(f"| {system} | {length_label(length)} | {len(group)} | {median(group, 'latency', 2)} | "
                      f"{median(group, 'ttft', 2)} | {median(group, 'decode_tok_s')} | "
                      f"{median(group, 'tokens_attended', 0)} | {peak:.0f} |")
     return "\n".join(lines)
@@ -189,11 +192,11 @@ def perplexity_table(records: list[Record]) -> str:
     lines = []
     for length in sorted({r["length"] for r in records}):
         group = [r for r in records if r["length"] == length]
-        edges = _ordered((b["start"], b["end"]) for r in group for b in r.get("buckets", []))
-        header = " | ".join(f"{_k(s) if s >= 1024 else s}-{_k(e) if e >= 1024 else e}" for s, e in edges)
-        lines += [f"### Perplexity at {_k(length)} tokens, by position", "",
+        edges = unique_in_order((b["start"], b["end"]) for r in group for b in r.get("buckets", []))
+        header = " | ".join(f"{length_label(s) if s else 0}-{length_label(e)}" for s, e in edges)
+        lines += [f"### Perplexity at {length_label(length)} tokens, by position", "",
                   f"| system | samples | {header} | all |", "|---|---:|" + "---:|" * (len(edges) + 1)]
-        for system in _ordered(r["system"] for r in group):
+        for system in unique_in_order(r["system"] for r in group):
             mine = [r for r in group if r["system"] == system]
             if any("refused" in r or "unsupported" in r for r in mine):
                 why = "refused" if any("refused" in r for r in mine) else "unsupported"
@@ -243,12 +246,12 @@ def ratio_table(records: list[Record], baseline: str) -> str:
         value, base = mid(key, field), mid((key[0], baseline, key[2]), field)
         return f"{value / base:.2f}x" if value and base else "–"
 
-    runs = _ordered(r.get("run", "") for r in records)
+    runs = unique_in_order(r.get("run", "") for r in records)
     column = len(runs) > 1
     lines = [f"| {'run | ' if column else ''}system | length | runs | prefill tok/s | vs {baseline} | TTFT s | "
              f"decode tok/s | vs {baseline} | peak RSS MiB | tokens read per step | MiB moved per token |",
              "|---" * (12 if column else 11) + "|"]
-    systems = _ordered(r["system"] for r in records)
+    systems = unique_in_order(r["system"] for r in records)
     for length in sorted({r["length"] for r in records}):
         for run in runs:
             for system in systems:
@@ -260,11 +263,11 @@ def ratio_table(records: list[Record], baseline: str) -> str:
                 refused = next((r["refused"] for r in group if r.get("refused")), None)
                 error = next((r["error"] for r in group if r.get("error")), None)
                 if refused or error:
-                    lines.append(f"{first} | {_k(length)} | – | {'refused' if refused else 'error: ' + error[:50]} "
+                    lines.append(f"{first} | {length_label(length)} | – | {'refused' if refused else 'error: ' + error[:50]} "
                                  "| | | | | | | |")
                     continue
                 moved, read = mid(key, "bytes_moved_per_token"), mid(key, "tokens_attended")
-                lines.append(f"{first} | {_k(length)} | {len(group)} | {cell(key, 'prefill_tok_s')} | "
+                lines.append(f"{first} | {length_label(length)} | {len(group)} | {cell(key, 'prefill_tok_s')} | "
                              f"{ratio(key, 'prefill_tok_s')} | {cell(key, 'ttft', 2)} | {cell(key, 'decode_tok_s')} | "
                              f"{ratio(key, 'decode_tok_s')} | {mid(key, 'peak_rss_mib') or 0:.0f} | "
                              f"{f'{read:.0f}' if read else '–'} | {f'{moved / 2**20:.2f}' if moved else '–'} |")
@@ -292,7 +295,7 @@ def write_report(records: list[Record], out: Path, baseline: str, plots: bool,
         parts += [f"Samples: the first {samples} of each task and length (`--samples {samples}`).", ""]
     if systems:
         parts += [f"Systems: {'; '.join(systems)} (`--systems`; the results may hold others).", ""]
-    models = _ordered(r.get("model") for r in records if r.get("model"))
+    models = unique_in_order(r.get("model") for r in records if r.get("model"))
     if models:
         parts += [f"Model: {', '.join(models)}", ""]
     for title, body in (("Accuracy (score x 100)", summary_table(records) if eval_records(records) else ""),
