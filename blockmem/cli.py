@@ -274,7 +274,7 @@ def _load(model: str | None, dtype: str, device: str, threads: int | None) -> An
 
     if threads is not None:
         if threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {threads}")
+            raise ConfigError(f"--threads must be at least 1, got {threads}", "leave it out to use every core")
         torch.set_num_threads(threads)
     with err.status(f"loading {model or 'smollm2-135m'} ...", spinner="dots"):
         return load(model, dtype=dtype, device=device)

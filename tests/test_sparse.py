@@ -122,6 +122,12 @@ def test_switch_length_is_validated() -> None:
     assert "leave it out" in refused.value.fix
     with pytest.raises(ConfigError, match="streaming drops them"):
         create_method("streaming", switch_length=100)
+    with pytest.raises(ConfigError, match="infllm: topk must not be negative, got -3") as refused:
+        create_method("infllm", topk=-3)
+    assert "use 0 for none" in refused.value.fix
+    with pytest.raises(ConfigError, match="quest: block-size must be at least 1, got 0") as refused:
+        create_method("quest", block_size=0)
+    assert "default" in refused.value.fix
 
 
 def test_prompt_shorter_than_a_block(tiny) -> None:

@@ -40,7 +40,8 @@ class BlockSparseMethod(SparseMethod):
         if self.pool_stride is None:
             object.__setattr__(self, "pool_stride", max(1, self.pool_kernel // 2))
         if not (1 <= self.pool_kernel <= self.block_size and self.pool_stride >= 1):
-            raise ConfigError(f"{self.name}: pool-kernel must be 1..block-size and pool-stride at least 1")
+            raise ConfigError(f"{self.name}: pool-kernel must be 1..block-size ({self.block_size}) and pool-stride at least 1, "
+                              f"got {self.pool_kernel} and {self.pool_stride}", "leave both out for the defaults")
         check_pooled_rows(self.name, self.pooled_rows)
 
     def summarize(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -55,7 +55,8 @@ class InfLLMMethod(SparseMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 1 <= self.repr_keys <= self.block_size:
-            raise ConfigError(f"infllm: repr-keys must be between 1 and the block size, got {self.repr_keys}")
+            raise ConfigError(f"infllm: repr-keys must be between 1 and the block size ({self.block_size}), got {self.repr_keys}",
+                              "leave it out for the default (4)")
         if not 0.0 <= self.pooled_fraction <= 1.0:
             raise ConfigError(f"infllm: pooled-fraction must be in [0, 1], got {self.pooled_fraction}",
                               "0 selects by representative keys only (InfLLM), 1 by pooled keys only")

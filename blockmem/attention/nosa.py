@@ -31,7 +31,8 @@ class NosaMethod(BlockSparseMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.agnostic_fraction <= 1.0:
-            raise ConfigError(f"nosa: agnostic-fraction must be in [0, 1], got {self.agnostic_fraction}")
+            raise ConfigError(f"nosa: agnostic-fraction must be in [0, 1], got {self.agnostic_fraction}",
+                              "the share of the top-k blocks chosen without the query; the default is 0.5")
         if self.importance not in IMPORTANCE:
             raise ConfigError(f"nosa: unknown importance {self.importance!r}", f"use one of {', '.join(IMPORTANCE)}")
 

@@ -75,9 +75,12 @@ class SparseMethod(AttentionMethod):
             raise ConfigError(f"unknown position policy {self.position!r}", "use true, infllm or compacted") from None
         for name in ("n_local", "block_size", "exec_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{self.name}: {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.n_init < 0 or self.topk < 0:
-            raise ConfigError(f"{self.name}: n-init and topk must not be negative")
+                raise ConfigError(f"{self.name}: {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}",
+                                  "leave it out for the method's default (blockmem run --help lists them)")
+        for name in ("n_init", "topk"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{self.name}: {name.replace('_', '-')} must not be negative, got {getattr(self, name)}",
+                                  "use 0 for none, or leave it out for the method's default")
         if self.switch_length is not None and self.switch_length < 0:
             raise ConfigError(f"{self.name}: switch-length must not be negative, got {self.switch_length}",
                               "use 0 to select blocks from the first evicted one, or leave it out for the default")

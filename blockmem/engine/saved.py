@@ -272,7 +272,7 @@ def documents_from_files(files: list[Path]) -> list[Document]:
     out = []
     for path in files:
         if not path.is_file():
-            raise ConfigError(f"document not found: {path}")
+            raise ConfigError(f"document not found: {path}", "check the path; documents are read as UTF-8 text")
         try:
             out.append((path.name, path.read_text(encoding="utf-8")))
         except UnicodeDecodeError:

@@ -112,7 +112,7 @@ def _eval(*, tasks: str, lengths: str, methods: str, peers: str | None, samples:
     from blockmem.model.loader import resolve
 
     if samples < 1:
-        raise ConfigError(f"--samples must be at least 1, got {samples}")
+        raise ConfigError(f"--samples must be at least 1, got {samples}", "e.g. --samples 20 per task and length")
     try:
         depth_values = [float(x) for x in depths.split(",") if x.strip()]
     except ValueError:
@@ -183,7 +183,8 @@ def _bench(*, lengths: str, methods: str, peers: str | None, baseline: str, new_
     from blockmem.model.loader import resolve
 
     if reps < 1 or new_tokens < 2:
-        raise ConfigError("--reps must be >= 1 and --new-tokens >= 2")
+        raise ConfigError(f"--reps must be >= 1 and --new-tokens >= 2, got {reps} and {new_tokens}",
+                          "decode speed needs at least two new tokens; e.g. --reps 2 --new-tokens 32")
     systems = parse_systems(methods, peers)
     if any(s.kind == "kvpress" for s in systems):
         raise ConfigError("bench times blockmem, transformers and llamacpp; kvpress is compared by accuracy in "
