@@ -76,7 +76,7 @@ class SparseMethod(AttentionMethod):
         for name in ("n_local", "block_size", "exec_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.name}: {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}",
-                                  "leave it out for the method's default (blockmem run --help lists them)")
+                                  "leave it out for the method's default (docs/methods.md lists them)")
         for name in ("n_init", "topk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{self.name}: {name.replace('_', '-')} must not be negative, got {getattr(self, name)}",
