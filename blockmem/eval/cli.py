@@ -111,8 +111,6 @@ def _eval(*, tasks: str, lengths: str, methods: str, peers: str | None, samples:
     from blockmem.eval.tasks import TaskOptions, resolve_tasks
     from blockmem.model.loader import resolve
 
-    if samples < 1:
-        raise ConfigError(f"--samples must be at least 1, got {samples}", "e.g. --samples 20 per task and length")
     try:
         depth_values = [float(x) for x in depths.split(",") if x.strip()]
     except ValueError:

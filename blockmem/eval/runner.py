@@ -52,6 +52,8 @@ class EvalPlan:
     jobs: int = 1  # worker processes at once
 
     def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ConfigError(f"--samples must be at least 1, got {self.samples}", "e.g. --samples 20 per task and length")
         if self.jobs < 1:
             raise ConfigError(f"--jobs must be at least 1, got {self.jobs}", "e.g. --jobs 2 --threads 1 on two cores")
 
