@@ -181,6 +181,12 @@ def test_perplexity_buckets_hand_checked() -> None:
     assert buckets[0]["ppl"] == pytest.approx(2.718, abs=1e-3)
 
 
+def test_length_label() -> None:
+    from blockmem.eval.report import length_label
+
+    assert [length_label(n) for n in (0, 512, 1024, 1536, 8192, 131072)] == ["0", "512", "1K", "1536", "8K", "128K"]
+
+
 def test_perplexity_table_hand_checked() -> None:
     from blockmem.eval.report import perplexity_table
 

@@ -24,8 +24,8 @@ Record = dict[str, Any]
 
 
 def length_label(length: int) -> str:
-    """A length as tables, plots and progress lines show it: 8192 -> '8K', 1536 -> '1536'."""
-    return f"{length // 1024}K" if length % 1024 == 0 else str(length)
+    """A length as tables, plots and progress lines show it: 8192 -> '8K', 1536 -> '1536', 0 -> '0'."""
+    return f"{length // 1024}K" if length and length % 1024 == 0 else str(length)
 
 
 def unique_in_order(values: Iterable[Any]) -> list[Any]:
@@ -193,7 +193,7 @@ def perplexity_table(records: list[Record]) -> str:
     for length in sorted({r["length"] for r in records}):
         group = [r for r in records if r["length"] == length]
         edges = unique_in_order((b["start"], b["end"]) for r in group for b in r.get("buckets", []))
-        header = " | ".join(f"{length_label(s) if s else 0}-{length_label(e)}" for s, e in edges)
+        header = " | ".join(f"{length_label(s)}-{length_label(e)}" for s, e in edges)
         lines += [f"### Perplexity at {length_label(length)} tokens, by position", "",
                   f"| system | samples | {header} | all |", "|---|---:|" + "---:|" * (len(edges) + 1)]
         for system in unique_in_order(r["system"] for r in group):
