@@ -162,6 +162,7 @@ def test_memory_build_info_run_extend_verify(model_dir, tmp_path) -> None:
     (["memory", "build", "{dir}/none.txt", "-o", "{dir}/n.bmem"], "document not found"),
     (["memory", "info", "{dir}/none.bmem"], "memory not found"),
     (["memory", "verify", "{doc}"], "not a blockmem memory file"),
+    (["run", "--memory", "{doc}", "q"], "fix: pass a .bmem file written by `blockmem memory build`"),
     (["run", "--memory", "{path}", "--method", "quest", "q"], "built with --method infllm, not quest"),
     (["run", "--memory", "{path}", "--topk", "5", "q"], "built with --topk 2, not 5"),
     (["run", "--memory", "{path}", "-f", "{doc}", "q"], "--file and --memory do not mix"),

@@ -229,7 +229,8 @@ class MemoryFile:
         with open(path, "rb") as handle:
             preamble = handle.read(PREAMBLE.size)
             if len(preamble) < PREAMBLE.size or preamble[:4] != MAGIC:
-                raise MemoryFileError(f"{path} is not a blockmem memory file")
+                raise MemoryFileError(f"{path} is not a blockmem memory file",
+                                      "pass a .bmem file written by `blockmem memory build` (a document goes to -f)")
             _, version, length, digest = PREAMBLE.unpack(preamble)
             if version != VERSION:
                 raise MemoryFileError(f"{path} uses memory format version {version}; this blockmem reads version "
