@@ -19,7 +19,8 @@ Lengths = Annotated[str, typer.Option(help="Context lengths in the model's token
                                       "fit in each).")]
 Methods = Annotated[str, typer.Option(help="blockmem methods, comma-separated, each with optional options: "
                                       "dense,infllm,streaming or dense,infllm:topk=8,n_local=1024,streaming "
-                                      "(name=value items belong to the method before them).")]
+                                      "(name=value items belong to the method before them; ';' also separates methods: "
+                                      "'dense;infllm:topk=8,n_local=1024').")]
 Peers = Annotated[str | None, typer.Option(help="Peers on the same weights and prompts: transformers, llamacpp, "
                                            "kvpress (= kvpress:streaming,kvpress:snapkv,kvpress:knorm) or "
                                            "kvpress:PRESS@RATIO. Needs pip install \"blockmem\\[peers]\".")]
