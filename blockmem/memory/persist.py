@@ -230,7 +230,8 @@ class MemoryFile:
             preamble = handle.read(PREAMBLE.size)
             if len(preamble) < PREAMBLE.size or preamble[:4] != MAGIC:
                 raise MemoryFileError(f"{path} is not a blockmem memory file",
-                                      "pass a .bmem file written by `blockmem memory build` (a document goes to -f)")
+                                      "pass a .bmem file written by `blockmem memory build` (documents go to `run -f` or "
+                                      "`memory build/extend`)")
             _, version, length, digest = PREAMBLE.unpack(preamble)
             if version != VERSION:
                 raise MemoryFileError(f"{path} uses memory format version {version}; this blockmem reads version "
