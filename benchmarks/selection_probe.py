@@ -16,6 +16,9 @@ scores computed from the same stored keys and queries:
     exact      the attention mass the queries give each block (log-sum-exp over its keys), i.e.
                what a perfect summary would rank; keys read as the method reads them
     last1      `pooled` from the piece's last query row alone
+    head       `pooled` from one query head's rows alone, the best rank over the query heads and
+               which head gave it ("0 h2"): what a selection per query head could reach where a
+               KV head's query heads outvote one another
 
     python benchmarks/selection_probe.py --task niah_single_2 --length 8k --trial 1 --method infllm
 
@@ -45,7 +48,7 @@ from blockmem.eval.tasks.ruler import NEEDLE_START, NIAH
 from blockmem.model.tokenizer import Tokenizer
 
 
-SCORES = ("repr", "pooled", "exact", "last1")  # the table's rank columns, in order
+SCORES = ("repr", "pooled", "exact", "last1", "head")  # the table's rank columns, in order
 
 
 @dataclass(frozen=True)
@@ -143,11 +146,22 @@ def ranks(q: torch.Tensor, keys: torch.Tensor, repr_keys: torch.Tensor | None, b
     if repr_keys is not None:
         scores["repr"] = torch.einsum("hd,hnd->n", rows.sum(1), repr_keys)
 
-    def rank(s: torch.Tensor) -> str:  # one rank per needle block: "4/20" for a needle in blocks 15 and 16
+    def positions(s: torch.Tensor) -> list[int]:
         order = torch.argsort(-s, stable=True).tolist()
-        return "/".join(str(order.index(b)) for b in needle)
+        return [order.index(b) for b in needle]
 
-    return {name: rank(s) for name, s in scores.items()}
+    def rank(s: torch.Tensor) -> str:  # one rank per needle block: "4/20" for a needle in blocks 15 and 16
+        return "/".join(str(r) for r in positions(s))
+
+    found = {name: rank(s) for name, s in scores.items()}
+    group, length = rows.shape[1] // q.shape[2], q.shape[2]
+    per_head = []  # (the needle's best rank by one query head's pooled score, that query head)
+    for g in range(group):
+        by_kv_head = pooled_block_scores(rows[:, g * length:(g + 1) * length], pooled, scale)  # [Hkv, n]
+        per_head += [(min(positions(s)), h * group + g) for h, s in enumerate(by_kv_head)]
+    best, head = min(per_head)
+    found["head"] = f"{best} h{head}"
+    return found
 
 
 def main() -> None:
@@ -179,7 +193,7 @@ def main() -> None:
     print(f"{args.model} {args.method} {args.length} {target.label}{' (split)' if args.split else ''}: expected "
           f"{target.expected}, answer {text!r}, needle tokens {spans} in block(s) {needle}\n")
     print("| layer | step | queries | blocks | selected | " + " | ".join(SCORES) + " |")
-    print("|---:|---|---:|---:|---|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---|" + "---:|" * len(SCORES))
     for index, (layer, store, steps) in sorted(seen.items()):
         ids = torch.arange(store.num_blocks)[None].expand(store.kv_heads, -1)
         keys = store.gather(ids)[0][0].float()
