@@ -16,9 +16,9 @@ scores computed from the same stored keys and queries:
     exact      the attention mass the queries give each block (log-sum-exp over its keys), i.e.
                what a perfect summary would rank; keys read as the method reads them
     last1      `pooled` from the piece's last query row alone
-    head       `pooled` from one query head's rows alone, the best rank over the query heads and
-               which head gave it ("0 h2"): what a selection per query head could reach where a
-               KV head's query heads outvote one another
+    head       `pooled` from one query head's rows alone: the best rank any query head gives
+               any of the needle's blocks, and which head ("0 h2"): what a selection per query
+               head could reach where a KV head's query heads outvote one another
 
     python benchmarks/selection_probe.py --task niah_single_2 --length 8k --trial 1 --method infllm
 
