@@ -271,6 +271,19 @@ def test_kvpress_peer_without_kvpress_is_a_clear_error(tok, tmp_path: Path) -> N
     assert "kvpress" in (tmp_path / "log").read_text()  # the worker's ImportError is in the log
 
 
+def test_a_crashed_worker_is_named_by_its_signal_and_llamacpp_gets_the_known_cause() -> None:
+    from blockmem.eval.systems import worker_failure
+
+    crashed = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])
+    assert crashed.returncode < 0
+    llama = worker_failure("llamacpp", crashed.returncode, "llama_context: n_ctx_seq (8448) > n_ctx_train (8192)")
+    assert llama.startswith("the worker failed (killed by SIGSEGV): llama_context")
+    assert "AMX" in llama and "docs/eval.md#peers" in llama
+    other = worker_failure("blockmem", crashed.returncode, None)
+    assert other == "the worker failed (killed by SIGSEGV)"
+    assert worker_failure("llamacpp", 1, "ValueError: x") == "the worker failed (exit status 1): ValueError: x"
+
+
 # ---- runner, report, CLI ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from blockmem.eval.runner import results_file
-from blockmem.eval.systems import SystemSpec, blockmem_engine, cache_kwargs, load_transformers, open_llama
+from blockmem.eval.systems import (SystemSpec, blockmem_engine, cache_kwargs, load_transformers, open_llama,
+                                   worker_failure)
 
 TEXT = ("The library opens at nine. Readers come for newspapers, students for quiet tables, and the old "
         "men for the chess boards by the window. In the afternoon the light moves across the shelves. ")
@@ -67,7 +68,9 @@ def run_bench(plan: BenchPlan, on_start: Callable[[str], None] | None = None,
                         measured = json.loads(lines[-1])
                     else:
                         tail = done.stderr.strip().splitlines()
-                        measured = {"error": tail[-1] if tail else f"exit status {done.returncode}"}
+                        last = tail[-1] if tail else None
+                        measured = {"error": worker_failure(system.kind, done.returncode, last)
+                                    if done.returncode else last or "the worker wrote no result"}
                     if "refused" in measured or "error" in measured:
                         stopped.add((system.label, length))
                     record = {"bench": True, "run": run_id, "system": system.label, "kind": system.kind,

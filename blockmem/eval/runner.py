@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from blockmem.errors import ConfigError
-from blockmem.eval.systems import SystemSpec
+from blockmem.eval.systems import SystemSpec, worker_failure
 from blockmem.eval.tasks import TaskOptions
 
 Key = tuple[str, int, str, str, int, int]  # model, seed, system, task, length, index
@@ -223,5 +223,5 @@ def _run_worker(job: dict[str, Any], out: Path, deliver: Callable[[dict[str, Any
         return error
     if code != 0:
         tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
-        return f"the worker failed (exit status {code}): {tail[0] if tail else '?'}; see {log}"
+        return f"{worker_failure(job['system']['kind'], code, tail[0] if tail else None)}; see {log}"
     return None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -268,6 +269,22 @@ def open_llama(path: Path, context: int, threads: int | None, flash_attn: bool =
     threads = threads or os.cpu_count() or 1
     return Llama(str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=512,
                  flash_attn=flash_attn, verbose=False)
+
+
+def worker_failure(kind: str, code: int, last_line: str | None) -> str:
+    """One line for a system's worker process that ended with status `code` (negative: the signal
+    that killed it), with the last line it wrote and, for a crash of llama.cpp, the known cause."""
+    how = f"exit status {code}"
+    if code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    text = f"the worker failed ({how})" + (f": {last_line}" if last_line else "")
+    if kind == "llamacpp" and -code in (signal.SIGSEGV, signal.SIGILL):
+        text += ("; llama.cpp crashed: on Intel CPUs with AMX its AMX kernels do (llama.cpp issue 20824); "
+                 "rebuild llama-cpp-python without them, docs/eval.md#peers says how")
+    return text
 
 
 class TransformersAnswerer(Answerer):
