@@ -282,8 +282,8 @@ def worker_failure(kind: str, code: int, last_line: str | None) -> str:
             pass
     text = f"the worker failed ({how})" + (f": {last_line}" if last_line else "")
     if kind == "llamacpp" and -code in (signal.SIGSEGV, signal.SIGILL):
-        text += ("; llama.cpp crashed: on Intel CPUs with AMX its AMX kernels do (llama.cpp issue 20824); "
-                 "rebuild llama-cpp-python without them, docs/eval.md#peers says how")
+        text += ("; llama.cpp crashed: its AMX kernels do on some Intel CPUs (llama.cpp issue 20824); on a CPU "
+                 "with AMX, rebuild llama-cpp-python without them as docs/eval.md#peers says")
     return text
 
 
