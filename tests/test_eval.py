@@ -271,6 +271,18 @@ def test_kvpress_peer_without_kvpress_is_a_clear_error(tok, tmp_path: Path) -> N
     assert "kvpress" in (tmp_path / "log").read_text()  # the worker's ImportError is in the log
 
 
+def test_a_kvpress_peer_killed_by_a_signal_is_named_by_it(tok, tmp_path: Path) -> None:
+    from blockmem.eval.systems import KvpressAnswerer, SystemSpec
+
+    killer = tmp_path / "python"  # stands in for kvpress's Python: dies by SIGKILL once it has read a request
+    killer.write_text("#!/bin/sh\nread line\nkill -KILL $$\n")
+    killer.chmod(0o755)
+    spec = SystemSpec("kvpress:snapkv@0.5", "kvpress", "snapkv", ratio=0.5)
+    with pytest.raises(ConfigError, match="kvpress peer was killed by SIGKILL") as info:
+        KvpressAnswerer(spec, tmp_path / "m.gguf", tok, str(killer), 1, tmp_path / "log")
+    assert "out of memory" in info.value.fix and "--kvpress-python" not in info.value.fix
+
+
 def test_a_crashed_worker_is_named_by_its_signal_and_llamacpp_gets_the_known_cause() -> None:
     from blockmem.eval.systems import worker_failure
 

@@ -271,16 +271,21 @@ def open_llama(path: Path, context: int, threads: int | None, flash_attn: bool =
                  flash_attn=flash_attn, verbose=False)
 
 
+def exit_reason(code: int) -> str:
+    """How a process with return code `code` ended: "exit status N", or "killed by SIGNAME" for a
+    negative code (subprocess's way of saying a signal killed it)."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit status {code}"
+
+
 def worker_failure(kind: str, code: int, last_line: str | None) -> str:
     """One line for a system's worker process that ended with status `code` (negative: the signal
     that killed it), with the last line it wrote and, for a crash of llama.cpp, the known cause."""
-    how = f"exit status {code}"
-    if code < 0:
-        try:
-            how = f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            pass
-    text = f"the worker failed ({how})" + (f": {last_line}" if last_line else "")
+    text = f"the worker failed ({exit_reason(code)})" + (f": {last_line}" if last_line else "")
     if kind == "llamacpp" and -code in (signal.SIGSEGV, signal.SIGILL):
         text += ("; llama.cpp crashed: its AMX kernels do on some Intel CPUs (llama.cpp issue 20824); on a CPU "
                  "with AMX, rebuild llama-cpp-python without them as docs/eval.md#peers says")
@@ -384,8 +389,12 @@ class KvpressAnswerer(Answerer):
             pass
         line = self.process.stdout.readline()
         if not line:
-            self.process.wait()
-            raise ConfigError(f"the kvpress peer stopped (exit status {self.process.returncode}); is kvpress "
+            code = self.process.wait()
+            if code < 0:
+                raise ConfigError(f"the kvpress peer was {exit_reason(code)} while it worked",
+                                  "see its log beside the results file; SIGKILL is often the system running "
+                                  "out of memory: run fewer --jobs or shorter --lengths")
+            raise ConfigError(f"the kvpress peer stopped ({exit_reason(code)}); is kvpress "
                               "installed in that Python?", "pass --kvpress-python PATH to a Python with kvpress "
                               "installed (docs/eval.md#peers); its log is beside the results file")
         return json.loads(line)
