@@ -28,6 +28,7 @@ import torch
 
 import blockmem
 from blockmem.engine.stats import peak_rss_bytes
+from blockmem.errors import run_script
 from blockmem.eval.systems import cache_kwargs
 
 TEXT = ("The library opens at nine. Readers come for newspapers, students for quiet tables, and the old "
@@ -144,4 +145,4 @@ def print_table(report: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -14,6 +14,7 @@ import argparse
 import torch
 
 import blockmem
+from blockmem.errors import run_script
 from blockmem.eval.passkey import make_trial, parse_length
 from passkey import parse_method
 
@@ -41,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

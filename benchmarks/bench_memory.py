@@ -371,4 +371,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from blockmem.errors import run_script  # here, as blockmem is imported only where it is measured
+
+    run_script(main)

@@ -31,7 +31,7 @@ import torch
 
 import blockmem
 from blockmem.attention import create_method
-from blockmem.errors import ContextLengthError
+from blockmem.errors import ContextLengthError, run_script
 from blockmem.eval.passkey import answer_decided, make_trial, parse_length
 from blockmem.eval.systems import parse_method, split_methods
 
@@ -170,4 +170,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

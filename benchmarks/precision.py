@@ -15,6 +15,7 @@ import argparse
 import torch
 
 import blockmem
+from blockmem.errors import run_script
 from blockmem.eval.text import prose_verses
 
 PROMPT, STEPS = 1024, 512
@@ -53,4 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from blockmem.attention import create_method
 from blockmem.attention.base import LayerSpec
 from blockmem.attention.sparse import Held
+from blockmem.errors import run_script
 from blockmem.eval.passkey import parse_length
 from blockmem.eval.systems import parse_method, split_methods
 
@@ -84,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

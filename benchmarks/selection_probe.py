@@ -41,6 +41,7 @@ from blockmem.attention import create_method
 from blockmem.attention.blocksparse import pooled_block_scores
 from blockmem.attention.sparse import SparseLayer, grouped_queries
 from blockmem.engine.generate import SamplingParams, Stream
+from blockmem.errors import run_script
 from blockmem.eval.passkey import NEEDLE, QUESTION, make_trial, parse_length
 from blockmem.eval.systems import parse_method
 from blockmem.eval.tasks import make_sample
@@ -209,4 +210,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

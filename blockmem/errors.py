@@ -1,9 +1,13 @@
 """Errors a user can act on: each names the problem and, where there is one, the fix.
 
-The CLI prints these as one line without a traceback; anything else is a bug.
+The CLI and the scripts in benchmarks/ print these as one line without a traceback; anything else
+is a bug.
 """
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 
 class BlockmemError(Exception):
@@ -32,3 +36,19 @@ class ContextLengthError(BlockmemError):
 
 class MemoryFileError(BlockmemError):
     """A saved memory is missing, corrupt, incomplete, or does not match the model or settings."""
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Run a script's `main` as the CLI runs a command: a BlockmemError becomes "error: ..." and
+    "fix: ..." on stderr with exit status 2, Ctrl-C exit status 130, and no traceback for either.
+    The scripts in benchmarks/ end with `run_script(main)`."""
+    try:
+        main()
+    except BlockmemError as exc:
+        print(f"error: {exc.problem}", file=sys.stderr)
+        if exc.fix:
+            print(f"  fix: {exc.fix}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

