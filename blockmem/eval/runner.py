@@ -111,7 +111,10 @@ def results_file(path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
 
 
 def pending(plan: EvalPlan, name: str, done: set[Key], system: SystemSpec, length: int) -> list[tuple[str, int]]:
-    return [(task, index) for task in plan.tasks for index in range(plan.samples)
+    """The (task, index) samples of one system and length not yet in the file, index by index:
+    sample 0 of every task, then sample 1, ..., so that a run stopped early leaves every task with
+    about as many samples as the others (and `report --samples K` finds the first K of each)."""
+    return [(task, index) for index in range(plan.samples) for task in plan.tasks
             if (name, plan.seed, system.label, task, length, index) not in done]
 
 
