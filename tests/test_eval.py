@@ -364,7 +364,7 @@ def test_runner_jobs_deal_samples_to_workers_at_once(long_tiny: Path, tmp_path: 
     assert run_eval(_plan(long_tiny, together, samples=3, jobs=2), seen.append,
                     lambda *group: groups.append(group), planned.append) == []
     assert planned == [2 * 2 * 3]
-    # each system's 6 samples dealt to two workers of 3, each covering both tasks
+    # each system's 6 samples dealt to two workers of 3
     assert sorted(groups) == [("dense", 512, 3)] * 2 + [("streaming:n_local=64,n_init=8", 512, 3)] * 2
     assert (tmp_path / "two.jsonl.log").read_text().count("--- dense at 512 tokens") == 2
     one = {(r["system"], r["task"], r["index"]): r["prediction"] for r in read_records(alone)}
@@ -377,6 +377,21 @@ def test_runner_jobs_deal_samples_to_workers_at_once(long_tiny: Path, tmp_path: 
     seen.clear()
     assert run_eval(_plan(long_tiny, together, samples=3, jobs=2), seen.append) == []
     assert len(seen) == 3 and len(read_records(together)) == 12
+
+
+def test_deal_gives_every_worker_every_task() -> None:
+    from blockmem.eval.runner import deal
+
+    tasks = ["a", "b", "c", "d"]  # an even count: dealing the list in turn gave one worker a and c only
+    work = [(task, index) for index in range(4) for task in tasks]
+    hands = deal(work, tasks, 2)
+    assert [len(hand) for hand in hands] == [8, 8]
+    assert all({task for task, _ in hand} == set(tasks) for hand in hands)
+    assert all(hand == sorted(hand, key=work.index) for hand in hands)  # the runner's order kept
+    assert sorted(sum(hands, [])) == sorted(work)  # every sample once
+    # a resumed run with one task left alternates it between workers; no empty hands
+    assert deal([("c", 5), ("c", 6), ("c", 7)], tasks, 2) == [[("c", 6)], [("c", 5), ("c", 7)]]
+    assert deal([("b", 3)], tasks, 3) == [[("b", 3)]]
 
 
 def _state(pid: int) -> str:

@@ -118,6 +118,18 @@ def pending(plan: EvalPlan, name: str, done: set[Key], system: SystemSpec, lengt
             if (name, plan.seed, system.label, task, length, index) not in done]
 
 
+def deal(work: list[tuple[str, int]], tasks: list[str], jobs: int) -> list[list[tuple[str, int]]]:
+    """Split one group's pending (task, index) samples into `jobs` hands, keeping their order:
+    sample (task, index) goes to hand (position of task + index) mod jobs, so that each hand gets
+    every task in turn (dealing the list round-robin would give each of two hands only half of
+    an even number of tasks, all its samples of one slow task to one worker). Empty hands dropped."""
+    hands: list[list[tuple[str, int]]] = [[] for _ in range(jobs)]
+    position = {task: n for n, task in enumerate(tasks)}
+    for task, index in work:
+        hands[(position[task] + index) % jobs].append((task, index))
+    return [hand for hand in hands if hand]
+
+
 def run_eval(plan: EvalPlan, on_record: Callable[[dict[str, Any]], None] | None = None,
              on_group: Callable[[str, int, int], None] | None = None,
              on_plan: Callable[[int], None] | None = None) -> list[str]:
@@ -131,7 +143,7 @@ def run_eval(plan: EvalPlan, on_record: Callable[[dict[str, Any]], None] | None 
         for length in plan.lengths:
             for system in plan.systems:
                 work = pending(plan, name, done, system, length)
-                units += [(system, length, work[hand::plan.jobs]) for hand in range(min(plan.jobs, len(work)))]
+                units += [(system, length, hand) for hand in deal(work, plan.tasks, plan.jobs)]
         if on_plan:
             on_plan(sum(len(work) for _, _, work in units))
         lock = threading.Lock()  # one record at a time into the file and the callbacks
