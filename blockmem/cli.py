@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
-from blockmem.errors import BlockmemError, ConfigError
+from blockmem.errors import BlockmemError, ConfigError, explain
 from blockmem.progress import LineProgress, progress_bar
 
 app = typer.Typer(help="Long-context LLM inference with a block-structured context memory.",
@@ -109,20 +109,19 @@ def _method_options(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _friendly(fn: F) -> F:
-    """Turn user-fixable errors into one line on stderr and exit status 2."""
+    """Turn a user-fixable error (or Ctrl-C) into what `explain` prints, on stderr, and its exit
+    status, without a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except BlockmemError as exc:
-            err.print(f"[red]error:[/red] {escape(exc.problem)}")
-            if exc.fix:
-                err.print(f"  fix: {escape(exc.fix)}")
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
+        except (BlockmemError, KeyboardInterrupt) as exc:
+            lines, status = explain(exc)
+            err.print(f"[red]{escape(lines[0])}[/red]")  # the problem; then the fix, if any
+            for line in lines[1:]:
+                err.print(escape(line))
+            raise typer.Exit(status) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -38,17 +38,22 @@ class MemoryFileError(BlockmemError):
     """A saved memory is missing, corrupt, incomplete, or does not match the model or settings."""
 
 
+def explain(exc: BlockmemError | KeyboardInterrupt) -> tuple[list[str], int]:
+    """What the CLI and the scripts print on stderr for an error a user can act on, and the exit
+    status: "error: PROBLEM" and "  fix: FIX" with 2 for a BlockmemError, "interrupted" with 130
+    for Ctrl-C."""
+    if isinstance(exc, KeyboardInterrupt):
+        return ["interrupted"], 130
+    return [f"error: {exc.problem}"] + ([f"  fix: {exc.fix}"] if exc.fix else []), 2
+
+
 def run_script(main: Callable[[], object]) -> None:
-    """Run a script's `main` as the CLI runs a command: a BlockmemError becomes "error: ..." and
-    "fix: ..." on stderr with exit status 2, Ctrl-C exit status 130, and no traceback for either.
-    The scripts in benchmarks/ end with `run_script(main)`."""
+    """Run a script's `main` as the CLI runs a command: a BlockmemError or Ctrl-C prints what
+    `explain` says, without a traceback, and exits with its status. The scripts in benchmarks/ end
+    with `run_script(main)`."""
     try:
         main()
-    except BlockmemError as exc:
-        print(f"error: {exc.problem}", file=sys.stderr)
-        if exc.fix:
-            print(f"  fix: {exc.fix}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    except (BlockmemError, KeyboardInterrupt) as exc:
+        lines, status = explain(exc)
+        print("\n".join(lines), file=sys.stderr)
+        raise SystemExit(status) from None

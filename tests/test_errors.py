@@ -175,3 +175,17 @@ def test_benchmark_scripts_print_bad_options_as_the_cli_does() -> None:
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("error: infllm: topk must not be negative")
     assert "  fix: " in done.stderr
+
+
+def test_explain_is_the_wording_of_cli_and_scripts(tmp_path: Path) -> None:
+    from blockmem.errors import ConfigError, explain
+
+    assert explain(ConfigError("--jobs must be at least 1", "e.g. --jobs 2")) == (
+        ["error: --jobs must be at least 1", "  fix: e.g. --jobs 2"], 2)
+    assert explain(ModelError("no such model")) == (["error: no such model"], 2)
+    assert explain(KeyboardInterrupt()) == (["interrupted"], 130)
+    # the CLI prints the same lines
+    out = tmp_path / "x.jsonl"
+    lines = cli_error(["eval", "--tasks", "passkey", "--lengths", "1k", "--jobs", "0", "-o", str(out)])
+    assert "error: --jobs must be at least 1" in lines and "  fix: e.g. --jobs 2 --threads 1" in lines
+    assert not out.exists()
