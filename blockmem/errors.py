@@ -1,7 +1,7 @@
 """Errors a user can act on: each names the problem and, where there is one, the fix.
 
-The CLI and the scripts in benchmarks/ print these as one line without a traceback; anything else
-is a bug.
+The CLI and the scripts in benchmarks/ print these as `explain` says, without a traceback; anything
+else is a bug.
 """
 
 from __future__ import annotations

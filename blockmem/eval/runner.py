@@ -122,7 +122,8 @@ def deal(work: list[tuple[str, int]], tasks: list[str], jobs: int) -> list[list[
     """Split one group's pending (task, index) samples into `jobs` hands, keeping their order:
     sample (task, index) goes to hand (position of task + index) mod jobs, so that each hand gets
     every task in turn (dealing the list round-robin would give each of two hands only half of
-    an even number of tasks, all its samples of one slow task to one worker). Empty hands dropped."""
+    an even number of tasks, and every sample of a slow task to one worker). Empty hands are
+    dropped."""
     hands: list[list[tuple[str, int]]] = [[] for _ in range(jobs)]
     position = {task: n for n, task in enumerate(tasks)}
     for task, index in work:
