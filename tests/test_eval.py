@@ -492,6 +492,7 @@ def test_summary_and_ratio_tables_hand_checked() -> None:
     assert "| passkey | 75.0 | refused |" in table
     assert "| vt | 50.0 | – |" in table
     assert "| **average** | **62.5** | – |" in table
+    assert "says how many" not in table  # tasks may differ in samples; systems on one task do not
     bench = [{"bench": True, "system": "x", "length": 8192, "prefill_tok_s": p, "decode_tok_s": d, "ttft": 1.0,
               "peak_rss_mib": 100} for p, d in ((100, 10), (300, 30), (200, 20))]
     bench += [{"bench": True, "system": "base", "length": 8192, "prefill_tok_s": 50, "decode_tok_s": 40, "ttft": 2.0,
@@ -553,7 +554,10 @@ def test_report_can_keep_the_first_samples_of_a_growing_file(tmp_path: Path) -> 
     assert "(2 samples per cell)" in done.stdout and "| passkey | 100.0 | 0.0 |" in done.stdout
     assert "first 2 of each task" in (tmp_path / "rep" / "report.md").read_text()
     everything = runner.invoke(app, ["report", str(path), "--no-plots", "-o", str(tmp_path / "all")])
-    assert "(2/4 samples per cell)" in everything.stdout and "| passkey | 50.0 | 0.0 |" in everything.stdout
+    # without --samples the columns rest on different samples: the table says where
+    assert "(2/4 samples per cell; a cell on fewer samples than its row's most says how many)" in everything.stdout
+    assert "| passkey | 50.0 | 0.0 (n=2) |" in everything.stdout
+    assert "| **average** | **50.0** | **0.0** (fewer samples) |" in everything.stdout
     refused = runner.invoke(app, ["report", str(path), "--samples", "0"])
     assert refused.exit_code == 2 and "--samples must be at least 1" in refused.output
 

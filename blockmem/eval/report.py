@@ -98,21 +98,29 @@ def summary_table(records: list[Record]) -> str:
             continue
         counts = {n for (_, _, n_length), (_, n, _) in table.items() if n_length == length}
         per_cell = "/".join(str(c) for c in sorted(counts))
-        lines += [f"### {length_label(length)} tokens ({per_cell} samples per cell)", "",
+        # a score on fewer samples of a task than another system's is marked, in its cell and average
+        scored = {(system, task): table[(system, task, length)][1] for system in systems for task in tasks
+                  if table.get((system, task, length), (None,))[0] is not None}
+        most = {task: max((n for (_, t), n in scored.items() if t == task), default=0) for task in tasks}
+        fewer = {(system, task) for (system, task), n in scored.items() if n < most[task]}
+        note = "; a cell on fewer samples than its row's most says how many" if fewer else ""
+        lines += [f"### {length_label(length)} tokens ({per_cell} samples per cell{note})", "",
                   "| task | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
         for task in tasks:
             cells = []
             for system in systems:
-                mean, _, refused = table.get((system, task, length), (None, 0, False))
-                cells.append("refused" if refused and mean is None else "–" if mean is None else f"{100 * mean:.1f}")
+                mean, n, refused = table.get((system, task, length), (None, 0, False))
+                cell = "refused" if refused and mean is None else "–" if mean is None else f"{100 * mean:.1f}"
+                cells.append(f"{cell} (n={n})" if (system, task) in fewer else cell)
             lines.append(f"| {task} | " + " | ".join(cells) + " |")
         averages = []
         for system in systems:
             means = [table[(system, t, length)][0] for t in tasks if (system, t, length) in table]
             if not means or None in means:
                 averages.append("–")
-            else:  # an average over fewer tasks than the others is marked, not compared silently
+            else:  # an average over fewer tasks or samples than the others is marked, not compared silently
                 partial = f" ({len(means)}/{len(tasks)} tasks)" if len(means) < len(tasks) else ""
+                partial += " (fewer samples)" if any((system, t) in fewer for t in tasks) else ""
                 averages.append(f"**{100 * statistics.fmean(means):.1f}**{partial}")
         lines += [f"| **average** | " + " | ".join(averages) + " |", ""]
     return "\n".join(lines).rstrip()
