@@ -50,7 +50,7 @@ def test_cuda_tiers_compute_exactly_what_all_on_device_computes(cuda_llama, tmp_
     device = 4 * page if budgets in ("device", "both") else None
     config = TierConfig(ram_budget=ram, device_budget=device, spill_dir=str(tmp_path) if ram else None)
     tiered, stats = _logits(blockmem.Engine(cuda_llama, method, prefill_chunk=32, tiers=config), ids, 6)
-    assert all(torch.equal(a, b) for a, b in zip(reference, tiered))
+    assert all(torch.equal(a, b) for a, b in zip(reference, tiered, strict=True))
     if ram:
         assert stats["disk"]["bytes_read"] > 0
     if device:
@@ -62,4 +62,4 @@ def test_cuda_matches_cpu(cuda_llama, tiny_llama) -> None:
     ids = [(3 * i) % 250 + 3 for i in range(100)]
     gpu, _ = _logits(blockmem.Engine(cuda_llama, method, prefill_chunk=32), ids, 2)
     cpu, _ = _logits(blockmem.Engine(tiny_llama, method, prefill_chunk=32), ids, 2)
-    assert all(torch.allclose(a, b, atol=1e-3) for a, b in zip(gpu, cpu))
+    assert all(torch.allclose(a, b, atol=1e-3) for a, b in zip(gpu, cpu, strict=True))

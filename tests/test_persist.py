@@ -67,7 +67,7 @@ def test_reopened_memory_computes_what_the_in_process_one_does(tiny_llama, tmp_p
     expected = _logits_after(engine, cache, question)
     reopened = SavedMemory.open(tmp_path / "m.bmem", tiny_llama)  # as a new process would
     got = _logits_after(reopened.engine, reopened.restore(), question)
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
     # the file keeps format 1's block-major summaries [blocks, Hkv, ...] (the store holds them head-major)
     layer = next((i for i, entry in enumerate(memory.header["layers"]) if entry.get("blocks")), None)
     assert (layer is None) == (name == "streaming")  # streaming keeps no blocks
@@ -80,7 +80,7 @@ def test_reopened_memory_computes_what_the_in_process_one_does(tiny_llama, tmp_p
     budget = 3 * 2 * 2 * 8 * 16 * 4 * 2
     tiered = SavedMemory.open(tmp_path / "m.bmem", tiny_llama, TierConfig(ram_budget=budget, spill_dir=str(tmp_path)))
     got = _logits_after(tiered.engine, tiered.restore(), question)
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
 
 
 def test_answers_are_text_and_questions_do_not_change_the_memory(tiny_llama, tmp_path) -> None:
@@ -118,7 +118,7 @@ def test_extend_equals_building_the_concatenation(tiny_llama, tmp_path) -> None:
     question = both.question_ids(QUESTION)
     a = _logits_after(both.engine, both.restore(), question)
     b = _logits_after(grown.engine, grown.restore(), question)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture
@@ -259,7 +259,7 @@ def test_memories_from_before_pooled_options_open_as_built(tiny_llama, tmp_path,
     method = reopened.method
     assert (method.pooled_fraction, method.pooled_rows, method.pooled_hold) == opens_as
     got = _logits_after(reopened.engine, reopened.restore(), reopened.question_ids(QUESTION))
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
     check_method(reopened.header["method"], "infllm", {"pooled_hold": False})
     with pytest.raises(MemoryFileError, match="built with --pooled-hold False, not True"):
         check_method(reopened.header["method"], "infllm", {"pooled_hold": True})
@@ -368,7 +368,7 @@ def test_sliding_window_layers_are_saved_too(tiny, tmp_path) -> None:
     question = memory.question_ids(QUESTION)
     expected = _logits_after(engine, cache, question)
     got = _logits_after(memory.engine, memory.restore(), question)
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
 
 
 def test_preload_reads_every_block_into_ram_once(tiny_llama, saved) -> None:
@@ -402,4 +402,4 @@ def test_nosa_reads_its_query_agnostic_blocks_ahead(tiny_llama, tmp_path) -> Non
     assert any(key in cache.tiers.host.table for key in wanted)
     cache.tiers.check()
     got = _logits_after(ahead.engine, cache, question)
-    assert all(torch.equal(a, b) for a, b in zip(reference, got))  # reading ahead changes nothing computed
+    assert all(torch.equal(a, b) for a, b in zip(reference, got, strict=True))  # reading ahead changes nothing computed

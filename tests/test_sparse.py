@@ -3,15 +3,13 @@ each piece (summaries, selection, positions, eviction) against an explicit refer
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import blockmem
 from blockmem.attention import METHODS, create_method
 from blockmem.attention.base import LayerSpec
-from blockmem.attention.sparse import Held, Position, SparseLayer, top_blocks
+from blockmem.attention.sparse import Held, SparseLayer, top_blocks
 from blockmem.attention.telemetry import Telemetry
 from blockmem.config import RopeConfig
 from blockmem.errors import ConfigError

@@ -133,7 +133,7 @@ def test_tiers_on_compute_exactly_what_all_in_ram_computes(tiny_llama, tmp_path,
     page = 2 * tiny_llama.config.num_kv_heads * 8 * tiny_llama.config.head_dim * 4
     config = TierConfig(ram_budget=5 * page, spill_dir=str(tmp_path))  # 5 of ~16 blocks per layer fit
     tiered, stats = _decode_logits(blockmem.Engine(tiny_llama, method, prefill_chunk=32, tiers=config), ids, 6)
-    assert all(torch.equal(a, b) for a, b in zip(reference, tiered))
+    assert all(torch.equal(a, b) for a, b in zip(reference, tiered, strict=True))
     assert stats["disk"]["bytes_read"] > 0 and stats["ram"]["evictions"] > 0  # the disk tier was really used
 
 
@@ -153,7 +153,7 @@ def test_decode_reading_blocks_in_place_equals_copying_them(tiny_llama, tmp_path
     monkeypatch.setattr(kernels, "available", lambda: False)
     copied, copied_stats = _decode_logits(blockmem.Engine(tiny_llama, method, prefill_chunk=32, tiers=config), ids, 6)
     assert copied_stats["blocks_read_in_place"] == 0 and copied_stats["blocks_fetched"] > 0
-    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(in_place, copied))
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(in_place, copied, strict=True))
     assert [int(x.argmax()) for x in in_place] == [int(x.argmax()) for x in copied]
 
 
