@@ -320,6 +320,21 @@ def _plan(model: Path, out: Path, **overrides):
     return EvalPlan(**fields)
 
 
+def test_dense_counts_tokens_read_as_the_telemetry_does(long_tiny: Path, tmp_path: Path) -> None:
+    """Dense has no selection telemetry; its count must still be the one a sparse method reports
+    when it reads every key (blocksparse below its switch length), or the cost tables compare two
+    different counts."""
+    from blockmem.eval.runner import read_records, run_eval
+    from blockmem.eval.systems import parse_systems
+
+    out = tmp_path / "results.jsonl"
+    plan = _plan(long_tiny, out, tasks=["passkey"], samples=1, systems=parse_systems("dense,blocksparse", None))
+    assert run_eval(plan) == []
+    dense, sparse = (next(r for r in read_records(out) if r["system"] == name) for name in ("dense", "blocksparse"))
+    assert dense["generated"] == sparse["generated"] > 1  # the same answer, decoded over several steps
+    assert dense["tokens_attended"] == sparse["tokens_attended"] == dense["tokens"] + dense["generated"] / 2
+
+
 def test_runner_resumes_and_repairs_a_torn_record(long_tiny: Path, tmp_path: Path) -> None:
     from blockmem.eval.runner import read_records, run_eval
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from blockmem.eval.runner import results_file
 from blockmem.eval.systems import (SystemSpec, blockmem_engine, cache_kwargs, load_transformers, open_llama,
-                                   worker_failure)
+                                   reads_every_key, worker_failure)
 
 TEXT = ("The library opens at nine. Readers come for newspapers, students for quiet tables, and the old "
         "men for the chess boards by the window. In the afternoon the light moves across the shelves. ")
@@ -107,7 +107,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         ids = prompt_ids(load_tokenizer(job["model"]), length - new_tokens)
         timing = _transformers(path, ids, new_tokens) if spec.kind == "transformers" else \
             _llamacpp(path, ids, new_tokens, job.get("threads"), spec.method == "fa")
-        return {**timing, "tokens_attended": float(len(ids)), "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1)}
+        return {**timing, "tokens_attended": reads_every_key(len(ids), new_tokens - 1),
+                "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1)}
     model = blockmem.load(job["model"], dtype=spec.dtype or job["dtype"], device=job["device"])
     ids = prompt_ids(model.tokenizer, length - new_tokens)
     engine = blockmem_engine(spec, model, ram_budget=job.get("ram_budget"))
@@ -119,7 +120,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     return {"prefill_tok_s": round(out.stats.prefill_tokens_per_second, 2), "ttft": round(out.stats.time_to_first_token, 3),
             "decode_tok_s": round(out.stats.decode_tokens_per_second, 2),
             "peak_rss_mib": round(out.stats.peak_rss_bytes / 2**20, 1),
-            "tokens_attended": decode.get("tokens_attended", float(len(ids))),
+            "tokens_attended": decode.get("tokens_attended", reads_every_key(len(ids), out.stats.decode_steps)),
             "bytes_moved_per_token": out.stats.bytes_moved_per_token}
 
 

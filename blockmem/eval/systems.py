@@ -162,6 +162,13 @@ class Answer:
                 "peak_rss_mib": round(self.peak_rss_bytes / 2**20, 1)}
 
 
+def reads_every_key(prompt: int, decode_steps: int) -> float:
+    """Mean keys a decode step reads when it reads the whole cache, counted as blockmem's
+    telemetry counts them: the step that feeds the j-th generated token reads `prompt + j` keys
+    (itself included). With no decode step, the prompt."""
+    return prompt + (decode_steps + 1) / 2 if decode_steps else float(prompt)
+
+
 def greedy(first: int, step: Callable[[int], int], sample: Sample, tokenizer: Tokenizer) -> tuple[list[int], str, int]:
     """Decode from `first` with `step(token) -> next token` until EOS, a stop string or the limit:
     (tokens, text, decode steps). The same rule blockmem's own engine applies."""
@@ -220,9 +227,9 @@ class BlockmemAnswerer(Answerer):
             return Answer("", 0, len(ids), 0, 0, 0, 0, refused=exc.problem)
         s = out.stats
         decode = out.method.get("telemetry", {}).get("decode") or {}
+        read = decode.get("tokens_attended", reads_every_key(len(ids), s.decode_steps))
         return Answer(out.text, len(out.token_ids), len(ids), s.prefill_seconds, s.time_to_first_token,
-                      s.decode_seconds, s.decode_steps, decode.get("tokens_attended", float(len(ids))),
-                      s.bytes_moved_per_token, peak_rss_bytes())
+                      s.decode_seconds, s.decode_steps, read, s.bytes_moved_per_token, peak_rss_bytes())
 
     def losses(self, ids: list[int]) -> list[float] | None:
         return self.engine.token_losses(ids).tolist()
@@ -315,8 +322,8 @@ class TransformersAnswerer(Answerer):
 
             tokens, text, steps = greedy(first, step, sample, self.tokenizer)
             decode = time.perf_counter() - started - ttft
-        return Answer(text, len(tokens), len(ids), prefill, ttft, decode, steps, float(len(ids)), None,
-                      peak_rss_bytes())
+        return Answer(text, len(tokens), len(ids), prefill, ttft, decode, steps, reads_every_key(len(ids), steps),
+                      None, peak_rss_bytes())
 
     def losses(self, ids: list[int]) -> list[float] | None:
         import torch
@@ -353,8 +360,8 @@ class LlamaCppAnswerer(Answerer):
 
         tokens, text, steps = greedy(first, step, sample, self.tokenizer)
         decode = time.perf_counter() - started - ttft
-        return Answer(text, len(tokens), len(ids), prefill, ttft, decode, steps, float(len(ids)), None,
-                      peak_rss_bytes())
+        return Answer(text, len(tokens), len(ids), prefill, ttft, decode, steps, reads_every_key(len(ids), steps),
+                      None, peak_rss_bytes())
 
     def close(self) -> None:
         self.llm.close() if hasattr(self.llm, "close") else None
@@ -403,11 +410,12 @@ class KvpressAnswerer(Answerer):
         reply = self._call({"context": context, "question": question, "max_new_tokens": sample.max_new_tokens,
                             "eos": sorted(self.tokenizer.eos_ids)})
         produced = iter(reply["tokens"][1:])
-        tokens, text, steps = greedy(reply["tokens"][0], lambda _: next(produced, -1), sample, self.tokenizer) \
+        tokens, text, _ = greedy(reply["tokens"][0], lambda _: next(produced, -1), sample, self.tokenizer) \
             if reply["tokens"] else ([], "", 0)
+        ran = max(0, len(reply["tokens"]) - 1)  # the worker's decode steps (it stops at EOS, not at stop strings)
         return Answer(text, len(tokens), len(context) + len(question), reply["prefill_seconds"], reply["ttft"],
-                      reply["decode_seconds"], max(0, len(reply["tokens"]) - 1), float(reply["kept"] + len(question)),
-                      None, reply["peak_rss_bytes"])
+                      reply["decode_seconds"], ran, reads_every_key(reply["kept"] + len(question), ran), None,
+                      reply["peak_rss_bytes"])
 
     def close(self) -> None:
         if self.process.stdin:
