@@ -619,6 +619,9 @@ def test_eval_then_report_end_to_end(long_tiny: Path, tmp_path: Path) -> None:
         for index in range(2):
             assert by[("transformers", task, index)]["tokens"] == by[("dense", task, index)]["tokens"]
             assert by[("transformers", task, index)]["prediction"] == by[("dense", task, index)]["prediction"]
+            # and its decode steps read as many keys, counted the same way
+            assert by[("transformers", task, index)]["tokens_attended"] == \
+                by[("dense", task, index)]["tokens_attended"]
     assert by[("transformers", "perplexity", 0)]["loss"] == pytest.approx(by[("dense", "perplexity", 0)]["loss"],
                                                                           abs=1e-3)
     report = tmp_path / "report"
