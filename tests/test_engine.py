@@ -88,6 +88,10 @@ def test_context_limit(tiny_llama) -> None:
         Engine(tiny_llama).generate(prompt_ids=[5] * limit, max_new_tokens=4)
     out = Engine(tiny_llama).generate(prompt_ids=[5] * (limit - 3), max_new_tokens=50, ignore_eos=True)
     assert len(out.token_ids) == 3 and out.finish_reason == "length"
+    # scoring a text needs no answer token: the whole window can be scored, one token more cannot
+    assert Engine(tiny_llama).token_losses([5] * limit).shape == (limit - 1,)
+    with pytest.raises(ContextLengthError, match=f"the prompt has {limit + 1} tokens"):
+        Engine(tiny_llama).token_losses([5] * (limit + 1))
 
 
 def test_chat_and_raw_prompts_differ(tiny_llama) -> None:

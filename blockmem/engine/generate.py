@@ -116,14 +116,17 @@ class Engine:
         assert stream.completion is not None
         return stream.completion
 
-    def _check_length(self, prompt_tokens: int) -> int | None:
+    def _check_length(self, prompt_tokens: int, answer: bool = True) -> int | None:
+        """The method's token limit; refuses a prompt past it, or one that leaves no room for an
+        answer token when `answer` (scoring a text needs no room after it)."""
         limit = self.context_limit()
         if prompt_tokens == 0:
             raise ConfigError("the prompt is empty after tokenization")
-        if limit is not None and prompt_tokens >= limit:
+        if limit is not None and prompt_tokens + answer > limit:
+            room = " with room for an answer" if answer else ""
             raise ContextLengthError(
                 f"the prompt has {prompt_tokens} tokens but {self.model.name} with the "
-                f"{self.method.name} method serves at most {limit}",
+                f"{self.method.name} method serves at most {limit} tokens{room}",
                 "shorten the input, or use a block-memory method such as --method infllm")
         return limit
 
@@ -152,7 +155,7 @@ class Engine:
     def token_losses(self, ids: list[int], on_prefill: ProgressFn | None = None) -> torch.Tensor:
         """Negative log-likelihood of each token after the first given all before it, read chunk by
         chunk through the method's memory: [len(ids) - 1] float32 (perplexity by position)."""
-        self._check_length(len(ids))
+        self._check_length(len(ids), answer=False)
         decoder = self.model.decoder
         cache = self.new_cache(self.method.for_context(len(ids)))
         losses = []

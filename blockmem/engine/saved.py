@@ -227,7 +227,7 @@ def _prefill_documents(engine: Engine, cache: KVCache, pieces: list[tuple[str, l
     limit = engine.context_limit()
     if limit is not None and len(tokens) + total >= limit:
         raise ConfigError(f"the documents need {len(tokens) + total} tokens but {engine.model.name} with the "
-                          f"{engine.method.name} method serves at most {limit}",
+                          f"{engine.method.name} method serves at most {limit} tokens with room for a question",
                           "use a block-memory method such as --method infllm")
     for name, ids in pieces:
         started = time.perf_counter()
